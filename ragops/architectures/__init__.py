@@ -1,0 +1,1 @@
+"""RAG architectures, one module each, registered by name in `registry`."""

@@ -1,0 +1,37 @@
+"""The architecture registry: name -> "module:Class".
+
+Adding an architecture is one module under ragops/architectures/ and one line here. Modules are
+imported on first use; their top level must stay light (no torch/transformers import) so that
+validating params.yaml stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ragops.architectures.base import Architecture
+    from ragops.config import ArchitectureOptions
+
+ARCHITECTURES: dict[str, str] = {
+    "closed_book": "ragops.architectures.closed_book:ClosedBook",
+    "incontext_ralm": "ragops.architectures.incontext_ralm:InContextRALM",
+}
+
+
+def names() -> list[str]:
+    return list(ARCHITECTURES)
+
+
+def get(name: str) -> type[Architecture]:
+    try:
+        target = ARCHITECTURES[name]
+    except KeyError:
+        raise KeyError(f"unknown architecture '{name}' (known: {', '.join(ARCHITECTURES)})") from None
+    module_name, class_name = target.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def options_model(name: str) -> type[ArchitectureOptions]:
+    return get(name).Options

