@@ -130,6 +130,34 @@ class TrackingConfig(Section):
     cost_per_gpu_hour_usd: float = Field(default=2.5, ge=0)
 
 
+class DeploymentConfig(Section):
+    cron: str
+    timezone: str = "UTC"
+    parameters: dict[str, Any] = {}
+    active: bool = True
+
+
+class OrchestrationConfig(Section):
+    task_runner: Literal["thread", "dask"] = "thread"
+    dask_address: str | None = None  # e.g. tcp://scheduler:8786; None = a temporary local cluster
+    dask_workers: int = Field(default=2, ge=1)
+    embed_shards: int = Field(default=1, ge=1)  # >1 fans embedding out over the task runner
+    lock_timeout_s: float = Field(default=0, ge=0)  # wait this long for a busy workspace, then skip
+    deployments: dict[str, DeploymentConfig] = {
+        "refresh": DeploymentConfig(cron="0 3 * * *"),  # nightly: re-ingest and re-index if the corpus changed
+        "evaluate": DeploymentConfig(cron="0 4 * * 0"),  # weekly: retrain and re-evaluate all architectures
+    }
+
+
+class ChampionConfig(Section):
+    """Which architecture is registered as the `champion` alias in the MLflow model registry."""
+
+    metric: str = "describe/f1"
+    mode: Literal["max", "min"] = "max"
+    registered_model: str = "ragops-rag"
+    alias: str = "champion"
+
+
 class Config(Section):
     profile: str = "default"
     seed: int = 13
@@ -146,6 +174,8 @@ class Config(Section):
     architectures: dict[str, Any] = {"closed_book": {}, "incontext_ralm": {}}
     sweep: SweepConfig = SweepConfig()
     tracking: TrackingConfig = TrackingConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+    champion: ChampionConfig = ChampionConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -1,0 +1,269 @@
+"""The `ragops` command line: one sub-command per stage, and `ragops run` for the whole pipeline.
+
+DVC stages call these same commands (see dvc.yaml); Prefect tasks call the same functions in
+`ragops.stages`. Run `ragops --help` for the list.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from ragops.errors import RagopsError
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="ragops",
+    help=(
+        "Build, train, evaluate and compare retrieval-augmented generation (RAG) architectures, "
+        "and see what each one costs.\n\n"
+        "Pipeline: ingest → validate → split → chunk → embed → index → eval-retrieval → prepare-lm → "
+        "evaluate <architecture> → compare. `ragops run` runs them all; each stage skips itself "
+        "when its inputs are unchanged. Configuration: params.yaml (profiles: smoke, default, full)."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@dataclass
+class State:
+    workspace: Path
+    params: Path | None
+    profile: str | None
+
+    def load(self):
+        from ragops.config import load_config
+        from ragops.paths import Workspace
+
+        ws = Workspace(self.workspace)
+        return ws, load_config(self.params or ws.params, self.profile)
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    workspace: Annotated[Path, typer.Option("--workspace", "-w", help="Project folder (holds params.yaml, data/, artifacts/, mlruns/).")] = Path("."),
+    params: Annotated[Optional[Path], typer.Option("--params", help="Configuration file (default: <workspace>/params.yaml).")] = None,
+    profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="Profile from params.yaml: smoke, default or full (default: params.yaml's `profile`).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    from ragops.env import configure_environment
+
+    configure_environment(workspace)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(message)s", datefmt="[%X]",
+        handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=False)],
+    )
+    logging.getLogger("ragops").setLevel(logging.DEBUG if verbose else logging.INFO)
+    ctx.obj = State(workspace, params, profile)
+
+
+def _report(outcome) -> None:
+    status = "[yellow]unchanged, skipped[/]" if outcome.skipped else "[green]done[/]"
+    stats = ", ".join(f"{k}={v}" for k, v in list(outcome.summary.items())[:8])
+    console.print(f"[bold]{outcome.stage}[/]: {status}" + (f"  ({stats})" if stats else ""))
+
+
+def _stage_command(name: str, help_text: str):
+    def command(
+        ctx: typer.Context,
+        force: Annotated[bool, typer.Option("--force", "-f", help="Re-run even if inputs are unchanged.")] = False,
+    ) -> None:
+        from ragops import stages
+
+        ws, config = ctx.obj.load()
+        _report(stages.DATA_STAGES[name](ws, config, force=force))
+        if name == "eval_retrieval":
+            print_retrieval_table(ws)
+
+    command.__doc__ = help_text
+    command.__name__ = name
+    return command
+
+
+@app.command()
+def ingest(
+    ctx: typer.Context,
+    source: Annotated[Optional[str], typer.Option("--source", "-s", help="A folder of .txt/.md/.html/.jsonl files, or 'default' for the embedded Wikipedia summaries (default: params.yaml ingest.source).")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Re-run even if inputs are unchanged.")] = False,
+) -> None:
+    """Read the corpus into data/corpus.parquet (normalised, de-duplicated) and version it with DVC (data.dvc)."""
+    from ragops import stages
+
+    ws, config = ctx.obj.load()
+    _report(stages.ingest(ws, config, source=source, force=force))
+
+
+for _name, _help in [
+    ("validate", "Great Expectations gate on the corpus: stops the pipeline if it fails."),
+    ("split", "Build the benchmark: held-out articles (for LM perplexity) and describe/identify question sets split train/dev/test."),
+    ("chunk", "Split indexed documents into sentence-aware token windows (size/overlap in params.yaml), then validate them."),
+    ("embed", "Embed chunks with the encoder (cached by content hash: only new or edited chunks are computed)."),
+    ("index", "Build the FAISS index (factory string in params.yaml) and the BM25 index beside it, atomically."),
+    ("eval_retrieval", "Evaluate BM25, dense and hybrid retrieval on the benchmark: recall@k, MRR, nDCG, latency."),
+    ("prepare_lm", "Prepare the language model once (convert the packaged SmolLM2 GGUF to safetensors)."),
+]:
+    app.command(name=_name.replace("_", "-"), help=_help)(_stage_command(_name, _help))
+
+
+@app.command()
+def evaluate(
+    ctx: typer.Context,
+    architectures: Annotated[Optional[list[str]], typer.Argument(help="Architectures to train (if needed) and evaluate (default: all enabled).")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Re-run even if inputs are unchanged.")] = False,
+) -> None:
+    """Train (if the architecture trains) and evaluate architectures on the shared harness."""
+    from ragops import stages
+
+    ws, config = ctx.obj.load()
+    for name in architectures or config.enabled_architectures():
+        _report(stages.evaluate_architecture(ws, config, name, force=force))
+    print_architecture_table(ws, architectures or config.enabled_architectures())
+
+
+@app.command()
+def sweep(
+    ctx: typer.Context,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Re-run even if inputs are unchanged.")] = False,
+) -> None:
+    """In-Context RALM sweep over retrieval stride × query length on a dev subset (not part of `run`: costly)."""
+    from ragops import stages
+
+    ws, config = ctx.obj.load()
+    outcome = stages.sweep(ws, config, force=force)
+    _report(outcome)
+    console.print(f"plot: {ws.plots_dir / 'sweep.png'}")
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    source: Annotated[Optional[str], typer.Option("--source", "-s", help="Corpus folder (default: params.yaml ingest.source).")] = None,
+    prefect: Annotated[bool, typer.Option("--prefect", help="Run as the Prefect `pipeline` flow instead of in-process.")] = False,
+) -> None:
+    """Run the whole pipeline: data plane, every enabled architecture, comparison. Unchanged stages are skipped."""
+    ws, config = ctx.obj.load()
+    from ragops.ops.lock import workspace_lock
+
+    if prefect:
+        from flows.pipeline import pipeline
+
+        pipeline(workspace=str(ws.root), params=str(ctx.obj.params or ws.params), profile=ctx.obj.profile, source=source)
+    else:
+        from ragops import stages
+
+        with workspace_lock(ws, config.orchestration.lock_timeout_s):
+            outcomes = stages.run_pipeline(ws, config, source=source)
+        for outcome in outcomes.values():
+            _report(outcome)
+    print_retrieval_table(ws)
+    print_architecture_table(ws, config.enabled_architectures())
+
+
+@app.command()
+def search(
+    ctx: typer.Context,
+    query: Annotated[str, typer.Argument(help="What to search for.")],
+    k: Annotated[int, typer.Option("-k", help="Number of results.")] = 5,
+    retriever: Annotated[str, typer.Option("--retriever", "-r", help="bm25, dense or hybrid.")] = "hybrid",
+) -> None:
+    """Query the built index."""
+    from ragops.retrieval.retriever import load_retriever
+
+    ws, config = ctx.obj.load()
+    if retriever not in ("bm25", "dense", "hybrid"):
+        raise RagopsError(f"--retriever: unknown retriever '{retriever}' (choose bm25, dense or hybrid)")
+    result = load_retriever(ws, config, retriever).search([query], k)
+    table = Table(title=f"{retriever} top-{k} for {query!r}")
+    for column in ("rank", "score", "chunk", "text"):
+        table.add_column(column)
+    for rank, (cid, score, text) in enumerate(zip(result.chunk_ids[0], result.scores[0], result.texts[0], strict=True), 1):
+        table.add_row(str(rank), f"{score:.3f}", cid, text[:120].replace("\n", " — "))
+    console.print(table)
+
+
+@app.command(name="architectures")
+def list_architectures() -> None:
+    """List the registered architectures with their family and fine-tuning class."""
+    from ragops.architectures import registry
+
+    table = Table(title="registered architectures")
+    for column in ("name", "family", "fine-tunes"):
+        table.add_column(column)
+    for name in registry.names():
+        cls = registry.get(name)
+        table.add_row(name, cls.family, cls.finetune)
+    console.print(table)
+
+
+@app.command(name="config")
+def show_config(ctx: typer.Context) -> None:
+    """Print the resolved configuration (params.yaml with the active profile applied)."""
+    import yaml
+
+    _, config = ctx.obj.load()
+    console.print(yaml.safe_dump(config.model_dump(by_alias=True, mode="json"), sort_keys=False))
+
+
+def print_retrieval_table(ws) -> None:
+    from ragops.io import read_json
+
+    path = ws.metrics_file("retrieval")
+    if not path.exists():
+        return
+    from ragops.retrieval.evaluate import retrieval_table
+
+    console.print(retrieval_table(read_json(path)))
+
+
+def print_architecture_table(ws, names: list[str]) -> None:
+    from ragops.io import read_json
+
+    rows = {name: read_json(ws.metrics_file(name)) for name in names if ws.metrics_file(name).exists()}
+    if not rows:
+        return
+    keys = sorted({k for m in rows.values() for k in m if "/" in k and not k.endswith(("_ci_low", "_ci_high"))
+                   and k.split("/")[0] in ("describe", "identify", "lm")})
+    table = Table(title="architectures (95% bootstrap CI)")
+    table.add_column("metric")
+    for name in rows:
+        table.add_column(name, justify="right")
+    for key in keys:
+        cells = []
+        for metrics in rows.values():
+            value = metrics.get(key)
+            low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+            cells.append("—" if value is None else f"{value:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else ""))
+        table.add_row(key, *cells)
+    for key in ("train/wall_s", "inference/wall_s", "inference/wall_s_per_1k_questions", "inference/flops", "inference/tokens_prompt", "inference/cost_usd_per_1k_questions"):
+        table.add_row(f"[dim]{key}[/]", *[f"{m[key]:.4g}" if key in m else "—" for m in rows.values()])
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: user errors are one line on stderr and exit code 1, never a traceback."""
+    try:
+        app()
+    except RagopsError as error:
+        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+# Operational commands (server, ui, compare) live in their own module.
+try:
+    import ragops.cli_ops  # noqa: E402,F401
+except ModuleNotFoundError as _error:  # pragma: no cover - only while the module is absent
+    if _error.name != "ragops.cli_ops":
+        raise

@@ -1,0 +1,492 @@
+"""The pipeline's stages: the one place where the library meets files, MLflow and skipping.
+
+Every entry point runs these same functions: the CLI (`ragops <stage>`), the DVC stages (which
+call the CLI) and the Prefect flows (whose tasks call them directly). Each stage
+
+- reads its inputs from, and writes its outputs to, the fixed layout of `ragops.paths.Workspace`,
+  atomically (a failed stage leaves the previous outputs intact);
+- skips itself when the content hash of its inputs and parameters matches the manifest stored
+  with its outputs (`_stage.json`), so re-running the pipeline only redoes what changed;
+- opens one MLflow run (a child of the pipeline's run when there is one) and logs its
+  parameters, statistics and cost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ragops import __version__
+from ragops.config import DEFAULT_MODEL, Config
+from ragops.cost import CostMeter
+from ragops.errors import RagopsError, ValidationFailed
+from ragops.io import atomic_dir, json_hash, path_hash, read_json, write_json
+from ragops.paths import Workspace
+from ragops.tracking import TrackedRun, tracked_run
+
+log = logging.getLogger("ragops.stages")
+
+MANIFEST = "_stage.json"
+STAGE_ORDER = ["ingest", "validate", "split", "chunk", "embed", "index", "eval_retrieval", "prepare_lm"]
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    skipped: bool
+    summary: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None
+
+
+@dataclass
+class _Context:
+    """What a stage body gets: its MLflow run, a cost meter and a place for deterministic stats."""
+
+    run: TrackedRun
+    meter: CostMeter
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _fingerprint(stage: str, params: dict[str, Any], inputs: dict[str, Path]) -> str:
+    hashes = {}
+    for name, path in sorted(inputs.items()):
+        if not path.exists():
+            raise RagopsError(f"{path}: missing input of stage '{stage}' (run the earlier stages first: ragops run)")
+        hashes[name] = path_hash(path)
+    return json_hash({"stage": stage, "version": __version__, "params": params, "inputs": hashes})
+
+
+def _run_stage(
+    stage: str,
+    ws: Workspace,
+    config: Config,
+    *,
+    out_dir: Path,
+    inputs: dict[str, Path],
+    params: dict[str, Any],
+    body: Callable[[_Context], None],
+    parent_run_id: str | None,
+    run_name: str | None = None,
+    kind: str = "stage",
+    tags: dict[str, Any] | None = None,
+    force: bool = False,
+    extra_outputs: tuple[Path, ...] = (),
+) -> StageOutcome:
+    fingerprint = _fingerprint(stage, params, inputs)
+    manifest = out_dir / MANIFEST
+    if not force and manifest.exists() and all(p.exists() for p in extra_outputs):
+        previous = read_json(manifest)
+        if previous.get("fingerprint") == fingerprint:
+            log.info("%s: inputs and parameters unchanged, skipped", run_name or stage)
+            return StageOutcome(stage, True, previous.get("stats", {}))
+    log.info("%s: running", run_name or stage)
+    with tracked_run(ws, config, run_name or stage, kind=kind, parent_run_id=parent_run_id, params=params, tags=tags) as run:
+        with run.meter("stage") as meter:
+            context = _Context(run, meter)
+            body(context)
+        numeric = {k: v for k, v in context.stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        run.log_metrics({f"{stage}/{k}" if "/" not in k else k: v for k, v in numeric.items()})
+        write_json(manifest, {"stage": stage, "fingerprint": fingerprint, "stats": _deterministic(context.stats)})
+        return StageOutcome(stage, False, context.stats, run.run_id)
+
+
+def _deterministic(stats: dict[str, Any]) -> dict[str, Any]:
+    """Stats stored in the manifest (a DVC-hashed output) must not change between identical runs."""
+    volatile = ("seconds", "_s", "per_s", "latency", "ms", "throughput")
+    return {k: v for k, v in stats.items() if not any(token in k for token in volatile)}
+
+
+def _dvc_add_corpus(ws: Workspace) -> None:
+    """Version the new corpus with DVC (data.dvc) when the workspace is a DVC repository."""
+    if not (ws.root / ".dvc").is_dir():
+        return
+    dvc = shutil.which("dvc") or str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "dvc")
+    result = subprocess.run([dvc, "add", "--quiet", "data"], cwd=ws.root, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RagopsError(f"dvc add data failed: {(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Data plane
+# ------------------------------------------------------------------------------------------------
+
+
+def ingest(ws: Workspace, config: Config, *, source: str | None = None, parent_run_id: str | None = None, force: bool = False) -> StageOutcome:
+    from ragops.data.ingest import load_corpus, write_corpus
+    from ragops.resources import default_corpus_file
+
+    source = source or config.ingest.source
+    if source == "default":
+        source_path = default_corpus_file()
+    else:
+        source_path = Path(source).expanduser()
+        if not source_path.is_absolute():
+            source_path = (ws.root / source_path).resolve()
+        if not source_path.exists():
+            raise RagopsError(f"{source}: ingest source does not exist")
+        if not source_path.is_dir():
+            raise RagopsError(f"{source}: ingest source must be a folder of .txt, .md, .html or .jsonl files")
+
+    def body(ctx: _Context) -> None:
+        corpus, report = load_corpus("default" if source == "default" else str(source_path), config.ingest)
+        write_corpus(corpus, report, ws.data_dir)
+        _dvc_add_corpus(ws)
+        ctx.run.log_artifact(ws.ingest_report, "ingest")
+        ctx.stats.update(
+            documents=len(corpus),
+            duplicates_dropped=report.get("duplicates_dropped", 0),
+            skipped_files=len(report.get("skipped", [])),
+            characters=int(corpus["text"].str.len().sum()),
+        )
+        for problem in report.get("skipped", [])[:20]:
+            where = problem["path"] + (f":{problem['line']}" if problem.get("line") else "")
+            log.warning("skipped %s: %s", where, problem["reason"])
+
+    return _run_stage(
+        "ingest", ws, config, out_dir=ws.data_dir, inputs={"source": source_path},
+        params={"ingest": {**config.section("ingest"), "source": source}}, body=body,
+        parent_run_id=parent_run_id, force=force, extra_outputs=(ws.corpus,),
+        tags={"ingest.source": source},
+    )
+
+
+def validate(ws: Workspace, config: Config, *, parent_run_id: str | None = None, force: bool = False) -> StageOutcome:
+    import pandas as pd
+
+    from ragops.data.validate import validate_corpus
+
+    result_file = ws.validation_dir / "corpus.json"
+
+    def body(ctx: _Context) -> None:
+        corpus = pd.read_parquet(ws.corpus)
+        report = validate_corpus(corpus, config.validate_)
+        with atomic_dir(ws.validation_dir) as tmp:
+            write_json(tmp / "corpus.json", report.result)
+        ctx.run.log_artifact(result_file, "validation")
+        ctx.stats.update(rows=len(corpus), expectations_failed=len(report.failures))
+        if not report.success:
+            # Nothing downstream may run on a corpus that failed its gate.
+            raise ValidationFailed(report.summary)
+        log.info(report.summary)
+
+    return _run_stage(
+        "validate", ws, config, out_dir=ws.validation_dir, inputs={"corpus": ws.corpus},
+        params={"validate": config.section("validate")}, body=body, parent_run_id=parent_run_id, force=force,
+    )
+
+
+def split(ws: Workspace, config: Config, *, parent_run_id: str | None = None, force: bool = False) -> StageOutcome:
+    import pandas as pd
+
+    from ragops.data.benchmark import split_benchmark
+
+    def body(ctx: _Context) -> None:
+        corpus = pd.read_parquet(ws.corpus)
+        heldout, questions = split_benchmark(corpus, config.benchmark, config.seed)
+        with atomic_dir(ws.benchmark_dir) as tmp:
+            heldout.to_parquet(tmp / "heldout.parquet", index=False)
+            questions.to_parquet(tmp / "questions.parquet", index=False)
+        counts = questions.groupby(["task", "split"]).size()
+        ctx.stats.update(heldout_docs=len(heldout), questions=len(questions))
+        ctx.stats.update({f"{task}_{split_name}": int(n) for (task, split_name), n in counts.items()})
+
+    return _run_stage(
+        "split", ws, config, out_dir=ws.benchmark_dir,
+        inputs={"corpus": ws.corpus, "validation": ws.validation_dir / "corpus.json"},
+        params={"benchmark": config.section("benchmark"), "seed": config.seed}, body=body,
+        parent_run_id=parent_run_id, force=force,
+    )
+
+
+def chunk(ws: Workspace, config: Config, *, parent_run_id: str | None = None, force: bool = False) -> StageOutcome:
+    import pandas as pd
+
+    from ragops.data.chunk import chunk_corpus, load_tokenizer
+    from ragops.data.validate import validate_chunks
+
+    def body(ctx: _Context) -> None:
+        corpus = pd.read_parquet(ws.corpus)
+        heldout_ids = set(pd.read_parquet(ws.heldout, columns=["doc_id"])["doc_id"])
+        indexed = corpus[~corpus["doc_id"].isin(heldout_ids)]  # held-out text never enters the index
+        tokenizer = load_tokenizer(config.embed.model)
+        chunks = chunk_corpus(indexed, tokenizer, config.chunk.size, config.chunk.overlap)
+        report = validate_chunks(chunks, config.validate_)
+        with atomic_dir(ws.chunks_dir) as tmp:
+            chunks.to_parquet(tmp / "chunks.parquet", index=False)
+            write_json(tmp / "validation.json", report.result)
+        ctx.run.log_artifact(ws.chunks_dir / "validation.json", "validation")
+        ctx.stats.update(
+            documents=int(chunks["doc_id"].nunique()), chunks=len(chunks),
+            tokens=int(chunks["n_tokens"].sum()), mean_tokens=round(float(chunks["n_tokens"].mean()), 2),
+        )
+        if not report.success:
+            shutil.rmtree(ws.chunks_dir, ignore_errors=True)
+            raise ValidationFailed(report.summary)
+        log.info(report.summary)
+
+    return _run_stage(
+        "chunk", ws, config, out_dir=ws.chunks_dir, inputs={"corpus": ws.corpus, "heldout": ws.heldout},
+        params={"chunk": config.section("chunk"), "encoder": config.embed.model, "validate": config.section("validate")},
+        body=body, parent_run_id=parent_run_id, force=force,
+    )
+
+
+def embed(ws: Workspace, config: Config, *, parent_run_id: str | None = None, force: bool = False, progress: bool = True) -> StageOutcome:
+    import pandas as pd
+
+    from ragops.retrieval.embed import EmbeddingCache, Encoder, chunk_embedding_text, embed_texts
+
+    def body(ctx: _Context) -> None:
+        chunks = pd.read_parquet(ws.chunks, columns=["chunk_id", "title", "text"])
+        cfg = config.embed
+        encoder = Encoder.load(cfg.model, device=cfg.device, threads=cfg.threads, max_seq_length=cfg.max_seq_length, batch_size=cfg.batch_size)
+        cache = EmbeddingCache(ws.embedding_cache, encoder.fingerprint)
+        texts = [chunk_embedding_text(t, x) for t, x in zip(chunks["title"], chunks["text"], strict=True)]
+        vectors, stats = embed_texts(texts, encoder, cache, progress=progress)
+        with atomic_dir(ws.embeddings_dir) as tmp:
+            np.save(tmp / "vectors.npy", vectors)
+            write_json(tmp / "meta.json", {
+                "encoder": cfg.model, "fingerprint": encoder.fingerprint, "dim": int(vectors.shape[1]),
+                "count": int(vectors.shape[0]), "chunks_hash": path_hash(ws.chunks),
+            })
+        ctx.meter.add(examples=len(texts))
+        ctx.stats.update(
+            chunks=len(texts), dim=int(vectors.shape[1]), cached=stats["cached"], computed=stats["computed"],
+            embed_seconds=round(stats["seconds"], 3), texts_per_s=round(stats["texts_per_s"], 2),
+        )
+
+    return _run_stage(
+        "embed", ws, config, out_dir=ws.embeddings_dir, inputs={"chunks": ws.chunks},
+        params={"embed": config.section("embed")}, body=body, parent_run_id=parent_run_id, force=force,
+    )
+
+
+def index(ws: Workspace, config: Config, *, parent_run_id: str | None = None, force: bool = False) -> StageOutcome:
+    import pandas as pd
+
+    from ragops.retrieval.embed import chunk_embedding_text
+    from ragops.retrieval.index import build_bm25, build_dense_index, write_index
+
+    def body(ctx: _Context) -> None:
+        cfg = config.index
+        vectors = np.load(ws.embeddings_dir / "vectors.npy")
+        embed_meta = read_json(ws.embeddings_dir / "meta.json")
+        chunks = pd.read_parquet(ws.chunks, columns=["chunk_id", "title", "text"])
+        if len(chunks) != len(vectors):
+            raise RagopsError(f"{ws.embeddings_dir}: {len(vectors)} vectors for {len(chunks)} chunks (re-run ragops embed)")
+        started = time.perf_counter()
+        dense = build_dense_index(vectors, cfg.factory, cfg.ef_search, cfg.nprobe)
+        dense_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        bm25 = build_bm25([chunk_embedding_text(t, x) for t, x in zip(chunks["title"], chunks["text"], strict=True)], cfg.bm25.k1, cfg.bm25.b)
+        bm25_seconds = time.perf_counter() - started
+        write_index(ws.index_dir, dense, bm25, {
+            "encoder": embed_meta["encoder"], "fingerprint": embed_meta["fingerprint"], "dim": embed_meta["dim"],
+            "count": len(chunks), "factory": cfg.factory, "ef_search": cfg.ef_search, "nprobe": cfg.nprobe,
+            "corpus_hash": path_hash(ws.corpus), "chunks_hash": embed_meta["chunks_hash"],
+        })
+        ctx.stats.update(
+            vectors=len(chunks), dim=int(vectors.shape[1]),
+            dense_build_seconds=round(dense_seconds, 3), bm25_build_seconds=round(bm25_seconds, 3),
+            dense_bytes=(ws.index_dir / "dense.faiss").stat().st_size,
+            bm25_bytes=sum(p.stat().st_size for p in (ws.index_dir / "bm25").rglob("*") if p.is_file()),
+        )
+
+    return _run_stage(
+        "index", ws, config, out_dir=ws.index_dir,
+        inputs={"embeddings": ws.embeddings_dir / "vectors.npy", "chunks": ws.chunks, "corpus": ws.corpus},
+        params={"index": config.section("index")}, body=body, parent_run_id=parent_run_id, force=force,
+    )
+
+
+def eval_retrieval(ws: Workspace, config: Config, *, parent_run_id: str | None = None, force: bool = False, progress: bool = True) -> StageOutcome:
+    import pandas as pd
+
+    from ragops.retrieval.evaluate import evaluate_retrievers
+    from ragops.retrieval.retriever import load_retriever
+
+    metrics_file = ws.metrics_file("retrieval")
+
+    def body(ctx: _Context) -> None:
+        cfg = config.retrieval_eval
+        questions = pd.read_parquet(ws.questions)
+        retrievers = {kind: load_retriever(ws, config, kind) for kind in cfg.retrievers}
+        metrics, per_question = evaluate_retrievers(
+            questions, retrievers, splits=cfg.splits, ks=cfg.ks, max_questions=cfg.max_questions, progress=progress
+        )
+        with atomic_dir(ws.retrieval_eval_dir) as tmp:
+            per_question.to_parquet(tmp / "results.parquet", index=False)
+        write_json(metrics_file, metrics)
+        ctx.run.log_metrics(metrics)
+        ctx.run.log_artifact(ws.retrieval_eval_dir / "results.parquet", "retrieval_eval")
+        ctx.meter.add(retrieval_calls=sum(getattr(r, "calls", 0) for r in retrievers.values()), questions=len(per_question))
+        ctx.stats.update(questions=len(per_question))
+
+    return _run_stage(
+        "eval_retrieval", ws, config, out_dir=ws.retrieval_eval_dir,
+        inputs={"questions": ws.questions, "index": ws.index_dir, "chunks": ws.chunks},
+        params={"retrieval_eval": config.section("retrieval_eval"), "embed_model": config.embed.model},
+        body=body, parent_run_id=parent_run_id, force=force, extra_outputs=(metrics_file,),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Language model and architectures
+# ------------------------------------------------------------------------------------------------
+
+
+def prepare_lm(ws: Workspace, config: Config, *, parent_run_id: str | None = None, force: bool = False) -> StageOutcome:
+    from ragops.lm import prepare_lm as convert
+    from ragops.resources import default_lm_gguf
+
+    spec = config.lm.model
+    inputs: dict[str, Path] = {}
+    if spec == DEFAULT_MODEL:
+        inputs["gguf"] = default_lm_gguf()
+    elif Path(spec).expanduser().exists():
+        inputs["model"] = Path(spec).expanduser().resolve()
+
+    def body(ctx: _Context) -> None:
+        meta = convert(spec, ws.lm_dir)
+        ctx.stats.update({k: v for k, v in meta.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)})
+
+    return _run_stage(
+        "prepare_lm", ws, config, out_dir=ws.lm_dir, inputs=inputs, params={"lm.model": spec}, body=body,
+        parent_run_id=parent_run_id, force=force,
+    )
+
+
+def evaluate_architecture(
+    ws: Workspace, config: Config, name: str, *, parent_run_id: str | None = None, force: bool = False, progress: bool = True
+) -> StageOutcome:
+    from ragops.architectures import registry
+    from ragops.evaluation import run_architecture
+
+    cls = registry.get(name)
+    options = config.architecture_options(name)
+    metrics_file = ws.metrics_file(name)
+    inputs = {"questions": ws.questions, "heldout": ws.heldout, "index": ws.index_dir, "chunks": ws.chunks}
+    if config.lm.model == DEFAULT_MODEL:
+        inputs["lm"] = ws.lm_dir
+    retriever = getattr(options, "retriever", None)
+    tags = {
+        "architecture": name, "family": cls.family, "finetune": cls.finetune,
+        "lm_model": config.lm.model, "retriever": retriever or "none", "encoder": config.embed.model,
+    }
+
+    def body(ctx: _Context) -> None:
+        train_meter = ctx.run.meter("train")
+        infer_meter = ctx.run.meter("inference")
+        result = run_architecture(name, ws, config, train_meter=train_meter, infer_meter=infer_meter, progress=progress)
+        with atomic_dir(ws.eval_dir(name)) as tmp:
+            result.predictions.to_parquet(tmp / "predictions.parquet", index=False)
+            write_json(tmp / "info.json", result.info)
+        metrics = {
+            **result.metrics,
+            **train_meter.metrics(*ctx.run.cost_rates),
+            **infer_meter.metrics(*ctx.run.cost_rates),
+        }
+        write_json(metrics_file, metrics)
+        ctx.run.log_metrics(result.metrics)
+        ctx.run.log_artifact(ws.eval_dir(name) / "predictions.parquet", "predictions")
+        ctx.run.log_dict(result.info, "info.json")
+        ctx.stats.update(result.metrics)
+
+    return _run_stage(
+        "evaluate", ws, config, out_dir=ws.eval_dir(name), inputs=inputs,
+        params={
+            "architecture": name, "options": options.model_dump(mode="json"),
+            "lm": config.section("lm"), "eval": config.section("eval"), "seed": config.seed,
+        },
+        body=body, parent_run_id=parent_run_id, run_name=name, kind="architecture", tags=tags, force=force,
+        extra_outputs=(metrics_file,),
+    )
+
+
+def sweep(ws: Workspace, config: Config, *, parent_run_id: str | None = None, force: bool = False, progress: bool = True) -> StageOutcome:
+    from ragops.architectures.incontext_ralm import plot_sweep, run_sweep
+
+    plot_file = ws.plots_dir / "sweep.png"
+
+    def body(ctx: _Context) -> None:
+        table = run_sweep(ws, config, progress=progress)
+        with atomic_dir(ws.sweep_dir) as tmp:
+            table.to_parquet(tmp / "sweep.parquet", index=False)
+            table.to_csv(tmp / "sweep.csv", index=False)
+        ws.plots_dir.mkdir(parents=True, exist_ok=True)
+        plot_sweep(table, plot_file)
+        write_json(ws.metrics_file("sweep"), {"points": json.loads(table.to_json(orient="records"))})
+        for row in table.to_dict(orient="records"):
+            point = f"stride={int(row['stride'])},query_length={int(row['query_length'])}"
+            with tracked_run(ws, config, point, kind="sweep-point", parent_run_id=ctx.run.run_id,
+                             params={"stride": row["stride"], "query_length": row["query_length"]}) as child:
+                child.log_metrics({k: v for k, v in row.items() if k not in ("stride", "query_length")})
+        ctx.run.log_artifact(plot_file, "plots")
+        ctx.run.log_artifact(ws.sweep_dir / "sweep.csv", "sweep")
+        ctx.stats.update(points=len(table))
+
+    return _run_stage(
+        "sweep", ws, config, out_dir=ws.sweep_dir,
+        inputs={"heldout": ws.heldout, "index": ws.index_dir, "chunks": ws.chunks, **({"lm": ws.lm_dir} if config.lm.model == DEFAULT_MODEL else {})},
+        params={"sweep": config.section("sweep"), "lm": config.section("lm"), "architectures": config.section("architectures")},
+        body=body, parent_run_id=parent_run_id, force=force, extra_outputs=(plot_file,),
+    )
+
+
+def compare(ws: Workspace, config: Config, *, parent_run_id: str | None = None) -> StageOutcome:
+    """Compare the architectures of the latest (or given) pipeline run: table, Pareto plot, champion.
+
+    Never skipped: it reads MLflow, which changes with every run.
+    """
+    from ragops.compare import run_compare
+
+    with tracked_run(ws, config, "compare", kind="stage", parent_run_id=parent_run_id) as run:
+        summary = run_compare(ws, config, parent_run_id=parent_run_id)
+        run.log_artifact(ws.compare_dir, "compare")
+    return StageOutcome("compare", False, summary, run.run_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole pipeline, in process
+# ------------------------------------------------------------------------------------------------
+
+DATA_STAGES: dict[str, Callable[..., StageOutcome]] = {
+    "ingest": ingest, "validate": validate, "split": split, "chunk": chunk,
+    "embed": embed, "index": index, "eval_retrieval": eval_retrieval, "prepare_lm": prepare_lm,
+}
+
+
+def run_pipeline(
+    ws: Workspace,
+    config: Config,
+    *,
+    source: str | None = None,
+    architectures: list[str] | None = None,
+    with_compare: bool = True,
+    progress: bool = True,
+) -> dict[str, StageOutcome]:
+    """Every stage in order under one MLflow parent run (the CLI's `ragops run`)."""
+    from ragops.tracking import pipeline_run
+
+    outcomes: dict[str, StageOutcome] = {}
+    with pipeline_run(ws, config) as parent:
+        pid = parent.run_id
+        outcomes["ingest"] = ingest(ws, config, source=source, parent_run_id=pid)
+        for name in STAGE_ORDER[1:]:
+            stage = DATA_STAGES[name]
+            kwargs = {"progress": progress} if name in ("embed", "eval_retrieval") else {}
+            outcomes[name] = stage(ws, config, parent_run_id=pid, **kwargs)
+        for name in architectures if architectures is not None else config.enabled_architectures():
+            outcomes[f"evaluate@{name}"] = evaluate_architecture(ws, config, name, parent_run_id=pid, progress=progress)
+        if with_compare:
+            outcomes["compare"] = compare(ws, config, parent_run_id=pid)
+    return outcomes
