@@ -138,13 +138,16 @@ def ingest(ws: Workspace, config: Config, *, source: str | None = None, parent_r
 
     def body(ctx: _Context) -> None:
         corpus, report = load_corpus("default" if source == "default" else str(source_path), config.ingest)
+        # The report is part of the DVC-hashed corpus version: record the source as the user named
+        # it, not the absolute path of this checkout.
+        report["source"] = source
         write_corpus(corpus, report, ws.data_dir)
         _dvc_add_corpus(ws)
         ctx.run.log_artifact(ws.ingest_report, "ingest")
         ctx.stats.update(
             documents=len(corpus),
             duplicates_dropped=report.get("duplicates_dropped", 0),
-            skipped_files=len(report.get("skipped", [])),
+            skipped=len(report.get("skipped", [])),
             characters=int(corpus["text"].str.len().sum()),
         )
         for problem in report.get("skipped", [])[:20]:
@@ -171,6 +174,7 @@ def validate(ws: Workspace, config: Config, *, parent_run_id: str | None = None,
         report = validate_corpus(corpus, config.validate_)
         with atomic_dir(ws.validation_dir) as tmp:
             write_json(tmp / "corpus.json", report.result)
+            write_json(tmp / "status.json", {"success": report.success, "summary": report.summary, "corpus_hash": path_hash(ws.corpus)})
         ctx.run.log_artifact(result_file, "validation")
         ctx.stats.update(rows=len(corpus), expectations_failed=len(report.failures))
         if not report.success:
@@ -184,10 +188,24 @@ def validate(ws: Workspace, config: Config, *, parent_run_id: str | None = None,
     )
 
 
+def require_validated_corpus(ws: Workspace) -> None:
+    """Downstream stages refuse a corpus that has not passed the gate (or changed since it did)."""
+    status_file = ws.validation_dir / "status.json"
+    if not status_file.exists():
+        raise ValidationFailed(f"{ws.corpus}: not validated yet (run: ragops validate)")
+    status = read_json(status_file)
+    if not status.get("success"):
+        raise ValidationFailed(f"{ws.corpus}: failed validation, nothing downstream runs ({status.get('summary')})")
+    if status.get("corpus_hash") != path_hash(ws.corpus):
+        raise ValidationFailed(f"{ws.corpus}: changed since it was validated (run: ragops validate)")
+
+
 def split(ws: Workspace, config: Config, *, parent_run_id: str | None = None, force: bool = False) -> StageOutcome:
     import pandas as pd
 
     from ragops.data.benchmark import split_benchmark
+
+    require_validated_corpus(ws)
 
     def body(ctx: _Context) -> None:
         corpus = pd.read_parquet(ws.corpus)
@@ -201,7 +219,7 @@ def split(ws: Workspace, config: Config, *, parent_run_id: str | None = None, fo
 
     return _run_stage(
         "split", ws, config, out_dir=ws.benchmark_dir,
-        inputs={"corpus": ws.corpus, "validation": ws.validation_dir / "corpus.json"},
+        inputs={"corpus": ws.corpus, "validation": ws.validation_dir / "status.json"},
         params={"benchmark": config.section("benchmark"), "seed": config.seed}, body=body,
         parent_run_id=parent_run_id, force=force,
     )
@@ -212,6 +230,8 @@ def chunk(ws: Workspace, config: Config, *, parent_run_id: str | None = None, fo
 
     from ragops.data.chunk import chunk_corpus, load_tokenizer
     from ragops.data.validate import validate_chunks
+
+    require_validated_corpus(ws)
 
     def body(ctx: _Context) -> None:
         corpus = pd.read_parquet(ws.corpus)

@@ -1,0 +1,69 @@
+"""A real DVC repository: `dvc repro` builds the data plane from the ingested corpus, a second
+`dvc repro` does nothing, and `dvc exp run -S` tries a variant that `dvc exp show` compares."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT, write_params
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def sh(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture
+def dvc_repo(tmp_path, smoke_workspace, monkeypatch) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(PROJECT_ROOT / "ragops", repo / "ragops", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(PROJECT_ROOT / ".gitignore", repo / ".gitignore")
+    write_params(repo, retrieval_eval={"max_questions": 10})
+    # The embedding cache is content-addressed: reuse the session's so the test embeds nothing new.
+    shutil.copytree(smoke_workspace / ".cache", repo / ".cache")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "config", "user.email", "ci@example.invalid")
+    sh(repo, "git", "config", "user.name", "ci")
+    sh(repo, "dvc", "init", "-q")
+    return repo
+
+
+def test_repro_from_ingested_corpus_then_noop_then_experiment(dvc_repo):
+    repo = dvc_repo
+    sh(repo, "ragops", "ingest")
+    data_dvc = (repo / "data.dvc").read_text()
+    assert "md5:" in data_dvc and "path: data" in data_dvc
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "corpus")
+
+    first = sh(repo, "dvc", "repro", "eval_retrieval")
+    for stage in ("validate", "split", "chunk", "embed", "index", "eval_retrieval"):
+        assert f"Running stage '{stage}'" in first.stdout
+    metrics = json.loads((repo / "metrics" / "retrieval.json").read_text())
+    assert 0 <= metrics["test/bm25/recall_at_10"] <= 1
+
+    second = sh(repo, "dvc", "repro", "eval_retrieval")
+    assert "Running stage" not in second.stdout
+    assert "up to date" in sh(repo, "dvc", "status").stdout
+
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "baseline")
+    sh(repo, "dvc", "exp", "run", "-S", "index.factory=HNSW16", "eval_retrieval")
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    factories = json.dumps(shown)
+    assert "HNSW16" in factories and "Flat" in factories
+    diff = sh(repo, "dvc", "params", "diff", "--json").stdout
+    assert "HNSW16" in diff
