@@ -189,7 +189,8 @@ def search(
     table = Table(title=f"{retriever} top-{k} for {query!r}")
     for column in ("rank", "score", "chunk", "text"):
         table.add_column(column)
-    for rank, (cid, score, text) in enumerate(zip(result.chunk_ids[0], result.scores[0], result.texts[0], strict=True), 1):
+    hits = len(result.chunk_ids[0])  # fewer than k when BM25 matches fewer chunks; scores are padded
+    for rank, (cid, score, text) in enumerate(zip(result.chunk_ids[0], result.scores[0][:hits], result.texts[0], strict=True), 1):
         table.add_row(str(rank), f"{score:.3f}", cid, text[:120].replace("\n", " — "))
     console.print(table)
 

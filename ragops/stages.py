@@ -294,7 +294,7 @@ def index(ws: Workspace, config: Config, *, parent_run_id: str | None = None, fo
     import pandas as pd
 
     from ragops.retrieval.embed import chunk_embedding_text
-    from ragops.retrieval.index import build_bm25, build_dense_index, write_index
+    from ragops.retrieval.index import build_bm25, build_dense_index, chunk_ids_hash, write_index
 
     def body(ctx: _Context) -> None:
         cfg = config.index
@@ -313,6 +313,7 @@ def index(ws: Workspace, config: Config, *, parent_run_id: str | None = None, fo
             "encoder": embed_meta["encoder"], "fingerprint": embed_meta["fingerprint"], "dim": embed_meta["dim"],
             "count": len(chunks), "factory": cfg.factory, "ef_search": cfg.ef_search, "nprobe": cfg.nprobe,
             "corpus_hash": path_hash(ws.corpus), "chunks_hash": embed_meta["chunks_hash"],
+            "chunk_ids_hash": chunk_ids_hash(chunks["chunk_id"].tolist()),
         })
         ctx.stats.update(
             vectors=len(chunks), dim=int(vectors.shape[1]),

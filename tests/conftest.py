@@ -70,7 +70,7 @@ def tiny_lm_dir() -> Path:
     out = _SESSION_DIR / "tiny-lm"
     if (out / "config.json").exists():
         return out
-    texts = [e["extract"] for e in json.loads(default_corpus_file().read_text())[:400]]
+    texts = [e["extract"] for e in list(json.loads(default_corpus_file().read_text()).values())[:400]]
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

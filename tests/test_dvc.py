@@ -57,7 +57,7 @@ def test_repro_from_ingested_corpus_then_noop_then_experiment(dvc_repo):
 
     second = sh(repo, "dvc", "repro", "eval_retrieval")
     assert "Running stage" not in second.stdout
-    assert "up to date" in sh(repo, "dvc", "status").stdout
+    assert "up to date" in sh(repo, "dvc", "status", "eval_retrieval", "--with-deps").stdout
 
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "baseline")

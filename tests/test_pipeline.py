@@ -67,7 +67,8 @@ def test_editing_one_document_embeds_only_its_chunks(copy_workspace):
     doc_id = chunks["doc_id"].iloc[0]
     corpus.loc[corpus["doc_id"] == doc_id, "text"] = "A completely rewritten article. " * 3
     corpus.to_parquet(ws.corpus, index=False)
-    stages.chunk(ws, config)
+    for stage in (stages.validate, stages.split, stages.chunk):
+        stage(ws, config)
     outcome = stages.embed(ws, config)
     new_chunks = pd.read_parquet(ws.chunks)
     assert outcome.summary["computed"] == int((new_chunks["doc_id"] == doc_id).sum())
