@@ -67,6 +67,9 @@ def main_options(
         handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=False)],
     )
     logging.getLogger("ragops").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Third-party INFO chatter (GX's temporary docs site, MLflow's migrations) hides our progress.
+    for noisy in ("great_expectations", "mlflow", "alembic", "httpx", "sentence_transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.obj = State(workspace, params, profile)
 
 
