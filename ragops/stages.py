@@ -142,7 +142,6 @@ def ingest(ws: Workspace, config: Config, *, source: str | None = None, parent_r
         # it, not the absolute path of this checkout.
         report["source"] = source
         write_corpus(corpus, report, ws.data_dir)
-        _dvc_add_corpus(ws)
         ctx.run.log_artifact(ws.ingest_report, "ingest")
         ctx.stats.update(
             documents=len(corpus),
@@ -154,12 +153,15 @@ def ingest(ws: Workspace, config: Config, *, source: str | None = None, parent_r
             where = problem["path"] + (f":{problem['line']}" if problem.get("line") else "")
             log.warning("skipped %s: %s", where, problem["reason"])
 
-    return _run_stage(
+    outcome = _run_stage(
         "ingest", ws, config, out_dir=ws.data_dir, inputs={"source": source_path},
         params={"ingest": {**config.section("ingest"), "source": source}}, body=body,
         parent_run_id=parent_run_id, force=force, extra_outputs=(ws.corpus,),
         tags={"ingest.source": source},
     )
+    # After the manifest is written, so that data.dvc records the complete corpus version.
+    _dvc_add_corpus(ws)
+    return outcome
 
 
 def validate(ws: Workspace, config: Config, *, parent_run_id: str | None = None, force: bool = False) -> StageOutcome:
