@@ -161,6 +161,14 @@ def run(
     from ragops.ops.lock import workspace_lock
 
     if prefect:
+        import os
+
+        from ragops.ops.servers import running_server
+
+        # Talk to a running `ragops server` rather than starting an ephemeral one on its database.
+        server = running_server(ws, "prefect")
+        if server is not None and "PREFECT_API_URL" not in os.environ:
+            os.environ["PREFECT_API_URL"] = f"{server.rstrip('/')}/api"
         from flows.pipeline import pipeline
 
         pipeline(workspace=str(ws.root), params=str(ctx.obj.params or ws.params), profile=ctx.obj.profile, source=source)

@@ -99,6 +99,67 @@ def _run_stage(
         return StageOutcome(stage, False, context.stats, run.run_id)
 
 
+# What each data stage reads, writes and depends on: one definition, used to run the stage and to
+# ask whether it is up to date (e.g. before fanning embedding out over a cluster).
+def _spec_validate(ws: Workspace, config: Config) -> dict[str, Any]:
+    return {"out_dir": ws.validation_dir, "inputs": {"corpus": ws.corpus}, "params": {"validate": config.section("validate")}}
+
+
+def _spec_split(ws: Workspace, config: Config) -> dict[str, Any]:
+    return {
+        "out_dir": ws.benchmark_dir,
+        "inputs": {"corpus": ws.corpus, "validation": ws.validation_dir / "status.json"},
+        "params": {"benchmark": config.section("benchmark"), "seed": config.seed},
+    }
+
+
+def _spec_chunk(ws: Workspace, config: Config) -> dict[str, Any]:
+    return {
+        "out_dir": ws.chunks_dir, "inputs": {"corpus": ws.corpus, "heldout": ws.heldout},
+        "params": {"chunk": config.section("chunk"), "encoder": config.embed.model, "validate": config.section("validate")},
+    }
+
+
+def _spec_embed(ws: Workspace, config: Config) -> dict[str, Any]:
+    return {"out_dir": ws.embeddings_dir, "inputs": {"chunks": ws.chunks}, "params": {"embed": config.section("embed")}}
+
+
+def _spec_index(ws: Workspace, config: Config) -> dict[str, Any]:
+    return {
+        "out_dir": ws.index_dir,
+        "inputs": {"embeddings": ws.embeddings_dir / "vectors.npy", "chunks": ws.chunks, "corpus": ws.corpus},
+        "params": {"index": config.section("index")},
+    }
+
+
+def _spec_eval_retrieval(ws: Workspace, config: Config) -> dict[str, Any]:
+    return {
+        "out_dir": ws.retrieval_eval_dir,
+        "inputs": {"questions": ws.questions, "index": ws.index_dir, "chunks": ws.chunks},
+        "params": {"retrieval_eval": config.section("retrieval_eval"), "embed_model": config.embed.model},
+        "extra_outputs": (ws.metrics_file("retrieval"),),
+    }
+
+
+_SPECS: dict[str, Callable[[Workspace, Config], dict[str, Any]]] = {
+    "validate": _spec_validate, "split": _spec_split, "chunk": _spec_chunk,
+    "embed": _spec_embed, "index": _spec_index, "eval_retrieval": _spec_eval_retrieval,
+}
+
+
+def up_to_date(stage: str, ws: Workspace, config: Config) -> bool:
+    """True when `stage` would skip itself: its outputs' manifest matches its inputs and parameters."""
+    spec = _SPECS[stage](ws, config)
+    manifest = spec["out_dir"] / MANIFEST
+    if not manifest.exists() or not all(p.exists() for p in spec.get("extra_outputs", ())):
+        return False
+    try:
+        fingerprint = _fingerprint(stage, spec["params"], spec["inputs"])
+    except RagopsError:  # a missing input: not up to date
+        return False
+    return read_json(manifest).get("fingerprint") == fingerprint
+
+
 def _deterministic(stats: dict[str, Any]) -> dict[str, Any]:
     """Stats stored in the manifest (a DVC-hashed output) must not change between identical runs."""
     volatile = ("seconds", "_s", "per_s", "latency", "ms", "throughput")
@@ -185,8 +246,7 @@ def validate(ws: Workspace, config: Config, *, parent_run_id: str | None = None,
         log.info(report.summary)
 
     return _run_stage(
-        "validate", ws, config, out_dir=ws.validation_dir, inputs={"corpus": ws.corpus},
-        params={"validate": config.section("validate")}, body=body, parent_run_id=parent_run_id, force=force,
+        "validate", ws, config, **_spec_validate(ws, config), body=body, parent_run_id=parent_run_id, force=force,
     )
 
 
@@ -220,10 +280,7 @@ def split(ws: Workspace, config: Config, *, parent_run_id: str | None = None, fo
         ctx.stats.update({f"{task}_{split_name}": int(n) for (task, split_name), n in counts.items()})
 
     return _run_stage(
-        "split", ws, config, out_dir=ws.benchmark_dir,
-        inputs={"corpus": ws.corpus, "validation": ws.validation_dir / "status.json"},
-        params={"benchmark": config.section("benchmark"), "seed": config.seed}, body=body,
-        parent_run_id=parent_run_id, force=force,
+        "split", ws, config, **_spec_split(ws, config), body=body, parent_run_id=parent_run_id, force=force,
     )
 
 
@@ -256,9 +313,7 @@ def chunk(ws: Workspace, config: Config, *, parent_run_id: str | None = None, fo
         log.info(report.summary)
 
     return _run_stage(
-        "chunk", ws, config, out_dir=ws.chunks_dir, inputs={"corpus": ws.corpus, "heldout": ws.heldout},
-        params={"chunk": config.section("chunk"), "encoder": config.embed.model, "validate": config.section("validate")},
-        body=body, parent_run_id=parent_run_id, force=force,
+        "chunk", ws, config, **_spec_chunk(ws, config), body=body, parent_run_id=parent_run_id, force=force,
     )
 
 
@@ -287,8 +342,7 @@ def embed(ws: Workspace, config: Config, *, parent_run_id: str | None = None, fo
         )
 
     return _run_stage(
-        "embed", ws, config, out_dir=ws.embeddings_dir, inputs={"chunks": ws.chunks},
-        params={"embed": config.section("embed")}, body=body, parent_run_id=parent_run_id, force=force,
+        "embed", ws, config, **_spec_embed(ws, config), body=body, parent_run_id=parent_run_id, force=force,
     )
 
 
@@ -325,9 +379,7 @@ def index(ws: Workspace, config: Config, *, parent_run_id: str | None = None, fo
         )
 
     return _run_stage(
-        "index", ws, config, out_dir=ws.index_dir,
-        inputs={"embeddings": ws.embeddings_dir / "vectors.npy", "chunks": ws.chunks, "corpus": ws.corpus},
-        params={"index": config.section("index")}, body=body, parent_run_id=parent_run_id, force=force,
+        "index", ws, config, **_spec_index(ws, config), body=body, parent_run_id=parent_run_id, force=force,
     )
 
 
@@ -355,10 +407,8 @@ def eval_retrieval(ws: Workspace, config: Config, *, parent_run_id: str | None =
         ctx.stats.update(questions=len(per_question))
 
     return _run_stage(
-        "eval_retrieval", ws, config, out_dir=ws.retrieval_eval_dir,
-        inputs={"questions": ws.questions, "index": ws.index_dir, "chunks": ws.chunks},
-        params={"retrieval_eval": config.section("retrieval_eval"), "embed_model": config.embed.model},
-        body=body, parent_run_id=parent_run_id, force=force, extra_outputs=(metrics_file,),
+        "eval_retrieval", ws, config, **_spec_eval_retrieval(ws, config), body=body,
+        parent_run_id=parent_run_id, force=force,
     )
 
 
@@ -424,19 +474,28 @@ def evaluate_architecture(
         ctx.run.log_dict(result.info, "info.json")
         ctx.stats.update(result.metrics)
 
-    return _run_stage(
-        "evaluate", ws, config, out_dir=ws.eval_dir(name), inputs=inputs,
-        params={
-            "architecture": name, "options": options.model_dump(mode="json"),
-            "lm": config.section("lm"), "eval": config.section("eval"), "seed": config.seed,
-        },
+    params = {
+        "architecture": name, "options": options.model_dump(mode="json"),
+        "lm": config.section("lm"), "eval": config.section("eval"), "seed": config.seed,
+    }
+    outcome = _run_stage(
+        "evaluate", ws, config, out_dir=ws.eval_dir(name), inputs=inputs, params=params,
         body=body, parent_run_id=parent_run_id, run_name=name, kind="architecture", tags=tags, force=force,
         extra_outputs=(metrics_file,),
     )
+    if outcome.skipped and parent_run_id:
+        # Unchanged: nothing is recomputed, but the pipeline run still gets this architecture's
+        # child run (its stored metrics, tagged as reused) so that every pipeline run is complete
+        # in MLflow's compare view.
+        with tracked_run(ws, config, name, kind="architecture", parent_run_id=parent_run_id,
+                         tags={**tags, "ragops.reused": "true"}, params=params) as run:
+            run.log_metrics(read_json(metrics_file))
+            outcome.run_id = run.run_id
+    return outcome
 
 
 def sweep(ws: Workspace, config: Config, *, parent_run_id: str | None = None, force: bool = False, progress: bool = True) -> StageOutcome:
-    from ragops.architectures.incontext_ralm import plot_sweep, run_sweep
+    from ragops.evaluation import plot_sweep, run_sweep
 
     plot_file = ws.plots_dir / "sweep.png"
 

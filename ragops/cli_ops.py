@@ -1,0 +1,172 @@
+"""Operational commands of the `ragops` CLI: `server` (Prefect server + scheduled deployments),
+`ui` (MLflow UI on the project's store) and `compare` (the architecture comparison table).
+
+Imported at the bottom of `ragops.cli`, which owns `app`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ragops.cli import app, console, err_console
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """Ctrl-C (SIGINT) and SIGTERM both stop the command, and with it the servers it started.
+    SIGINT is re-armed explicitly: a process started in the background by a non-interactive shell
+    inherits it ignored."""
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    previous_term = signal.signal(signal.SIGTERM, handler)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
+
+
+def _latest_compare_url(base_url: str, experiment: str) -> str | None:
+    from ragops.compare import collect_runs, mlflow_compare_url
+
+    try:
+        df = collect_runs(experiment)
+    except Exception:  # noqa: BLE001 - nothing logged yet
+        return None
+    if df.empty:
+        return None
+    return mlflow_compare_url(base_url, list(df["run_id"]), [df.attrs["experiment_id"]])
+
+
+@app.command()
+def server(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option("--port", help="Prefect server port on 127.0.0.1.")] = 4200,
+    ui_port: Annotated[Optional[int], typer.Option("--ui-port", help="Also start the MLflow UI on this port.")] = None,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the scheduled deployments (refresh nightly, evaluate weekly).")] = True,
+) -> None:
+    """Start a Prefect server on 127.0.0.1 (state in .prefect/), register and serve the deployments
+    from params.yaml (orchestration.deployments). Ctrl-C stops everything it started."""
+    from ragops.errors import RagopsError
+    from ragops.ops.servers import running_server, start_mlflow_server, start_prefect_server, stop_all
+
+    ws, config = ctx.obj.load()
+    if running := running_server(ws, "prefect"):
+        raise RagopsError(f"a ragops Prefect server for {ws.root} is already running at {running} (stop it with Ctrl-C in its shell)")
+    started = []
+    with _interruptible():
+        try:
+            console.print(f"starting the Prefect server on 127.0.0.1:{port} (state: {ws.root / '.prefect'}) …")
+            prefect = start_prefect_server(ws, port=port)
+            started.append(prefect)
+            console.print(f"[bold green]Prefect UI[/]: {prefect.url}   (deployments: {prefect.url}/deployments, log: {prefect.log_path})")
+            if ui_port:
+                mlflow_ui = start_mlflow_server(ws, port=ui_port)
+                started.append(mlflow_ui)
+                console.print(f"[bold green]MLflow UI[/]: {mlflow_ui.url}   (log: {mlflow_ui.log_path})")
+            api = f"{prefect.url}/api"
+            console.print(f"other shells: [cyan]export PREFECT_API_URL={api}[/]  (then: prefect deployment ls)")
+            os.environ["PREFECT_API_URL"] = api  # for the flow-run processes the runner starts
+            if serve:
+                from prefect.settings import PREFECT_API_URL, temporary_settings
+
+                from flows.deploy import serve_deployments
+
+                with temporary_settings(updates={PREFECT_API_URL: api}):
+                    serve_deployments(config, ws.root, params=ctx.obj.params, profile=ctx.obj.profile)
+            else:
+                console.print("Ctrl-C to stop")
+                while all(s.process.poll() is None for s in started):
+                    time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            console.print("stopping …")
+            stop_all(*started)
+            console.print("stopped")
+
+
+@app.command()
+def ui(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Open the MLflow UI on the project's store (mlruns/mlflow.db, artifacts in mlruns/artifacts),
+    on 127.0.0.1 only. Prints the compare page of the latest pipeline run's architectures."""
+    from ragops.ops.servers import start_mlflow_server
+
+    ws, config = ctx.obj.load()
+    with _interruptible():
+        console.print(f"starting the MLflow UI on 127.0.0.1:{port} …")
+        mlflow_ui = start_mlflow_server(ws, port=port)
+        try:
+            console.print(f"[bold green]MLflow UI[/]: {mlflow_ui.url}   (log: {mlflow_ui.log_path})")
+            compare_url = _latest_compare_url(mlflow_ui.url, config.tracking.experiment)
+            if compare_url:
+                console.print(f"compare the latest architectures: {compare_url}")
+            console.print("Ctrl-C to stop")
+            while mlflow_ui.process.poll() is None:
+                time.sleep(1)
+            err_console.print(f"[red]the MLflow server exited[/] (log: {mlflow_ui.log_path})")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            mlflow_ui.stop()
+
+
+def print_comparison(summary: dict) -> None:
+    rows = summary.get("display") or []
+    if not rows:
+        console.print(summary.get("message") or "no architecture runs to compare")
+        return
+    table = Table(title=f"architectures (parent run {summary.get('parent_run_id')}, quality with 95% bootstrap CI)")
+    table.add_column("metric")
+    for row in rows:
+        table.add_column(f"{row['architecture']}\n[dim]{row.get('family', '')}[/]", justify="right")
+    keys = [k for k in rows[0] if "/" in k]
+    front = set((summary.get("pareto") or {}).get("inference", {}).get("front") or [])
+    for key in keys:
+        style = "dim" if key.startswith(("train/", "inference/")) else None
+        table.add_row(key, *[row.get(key, "—") for row in rows], style=style)
+    table.add_row("Pareto (quality vs inference cost)", *["yes" if row["architecture"] in front else "" for row in rows])
+    console.print(table)
+    champion = summary.get("champion")
+    if champion:
+        registered = f"  → {champion['uri']} (version {champion['version']})" if champion.get("version") else ""
+        console.print(f"[bold]champion[/]: {champion['architecture']} ({champion['metric']} = {champion['value']:.3f}){registered}")
+    if summary.get("message"):
+        console.print(f"[yellow]{summary['message']}[/]")
+
+
+@app.command()
+def compare(
+    ctx: typer.Context,
+    parent: Annotated[Optional[str], typer.Option("--parent", help="MLflow run id of the pipeline run (default: the latest with architecture runs).")] = None,
+    print_only: Annotated[bool, typer.Option("--print-only", help="Only print the table: no plots, no champion registration, no MLflow run.")] = False,
+) -> None:
+    """Compare the architectures: quality (with CIs), training and inference cost, Pareto plots in
+    artifacts/compare/, and the champion registered in the MLflow model registry."""
+    ws, config = ctx.obj.load()
+    if print_only:
+        from ragops.compare import collect_runs, comparison_table, format_table
+
+        df = collect_runs(config.tracking.experiment, parent)
+        summary = {"parent_run_id": df.attrs.get("parent_run_id"), "display": format_table(comparison_table(df)) if not df.empty else []}
+    else:
+        from ragops import stages
+
+        summary = stages.compare(ws, config, parent_run_id=parent).summary
+    print_comparison(summary)
+    for path in summary.get("files") or []:
+        if path.endswith((".png", ".html")):
+            console.print(f"plot: {path}")

@@ -1,0 +1,184 @@
+"""ragops.compare against a real MLflow SQLite store: two logged architecture runs under a parent."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from ragops.compare import (
+    collect_runs,
+    comparison_table,
+    format_table,
+    higher_is_better,
+    pareto_front,
+    pick_champion,
+    plot_pareto,
+    run_compare,
+)
+from ragops.config import resolve
+from ragops.paths import Workspace
+
+EXPERIMENT = "compare-test"
+
+# Two architectures: the baseline is cheaper, the RAG one is better.
+RUNS = {
+    "closed_book": {
+        "tags": {"family": "baseline", "finetune": "none"},
+        "metrics": {
+            "describe/f1": 0.20, "describe/f1_ci_low": 0.15, "describe/f1_ci_high": 0.26,
+            "identify/em": 0.10, "lm/token_ppl": 30.0,
+            "train/wall_s": 0.0, "train/cost_usd": 0.0,
+            "inference/wall_s": 10.0, "inference/cost_usd_per_1k_questions": 0.010, "inference/flops": 1e12,
+        },
+    },
+    "incontext_ralm": {
+        "tags": {"family": "black-box", "finetune": "none"},
+        "metrics": {
+            "describe/f1": 0.45, "describe/f1_ci_low": 0.38, "describe/f1_ci_high": 0.52,
+            "identify/em": 0.30, "lm/token_ppl": 22.0,
+            "train/wall_s": 0.0, "train/cost_usd": 0.0,
+            "inference/wall_s": 25.0, "inference/cost_usd_per_1k_questions": 0.030, "inference/flops": 3e12,
+        },
+    },
+}
+
+
+def _config(**overrides):
+    return resolve({"tracking": {"experiment": EXPERIMENT}, **overrides})
+
+
+def _log_pipeline(ws, config, runs, *, failed: str | None = None) -> str:
+    from ragops.tracking import pipeline_run, tracked_run
+
+    with pipeline_run(ws, config) as parent:
+        for name, spec in runs.items():
+            with tracked_run(ws, config, name, kind="architecture", parent_run_id=parent.run_id,
+                             tags={"architecture": name, **spec["tags"]}) as run:
+                run.log_metrics(spec["metrics"])
+        if failed:
+            with pytest.raises(RuntimeError):
+                with tracked_run(ws, config, failed, kind="architecture", parent_run_id=parent.run_id,
+                                 tags={"architecture": failed, "family": "white-box", "finetune": "lm"}) as run:
+                    run.log_metrics({"describe/f1": 0.99})
+                    raise RuntimeError("boom")
+    return parent.run_id
+
+
+@pytest.fixture
+def logged(tmp_path, mlflow_store):
+    ws = Workspace(tmp_path)
+    config = _config()
+    # An older pipeline run with different numbers: must not be picked.
+    old = {"closed_book": {"tags": RUNS["closed_book"]["tags"], "metrics": {**RUNS["closed_book"]["metrics"], "describe/f1": 0.01}}}
+    _log_pipeline(ws, config, old)
+    parent = _log_pipeline(ws, config, RUNS, failed="broken_arch")
+    return ws, config, parent
+
+
+def test_collect_runs_latest_parent(logged):
+    ws, config, parent = logged
+    df = collect_runs(EXPERIMENT)
+    assert df.attrs["parent_run_id"] == parent
+    assert df.attrs["source"] == "parent"
+    assert list(df["architecture"]) == ["closed_book", "incontext_ralm"]  # the FAILED run is left out
+    assert set(df["family"]) == {"baseline", "black-box"}
+    assert df.set_index("architecture").loc["closed_book", "describe/f1"] == pytest.approx(0.20)
+    assert (df["parent_run_id"] == parent).all()
+    # An explicit parent gives the same rows.
+    assert list(collect_runs(EXPERIMENT, parent)["run_id"]) == list(df["run_id"])
+
+
+def test_collect_runs_falls_back_to_latest_per_architecture(logged):
+    """A pipeline run whose architecture stages were skipped (unchanged) has no architecture children."""
+    from ragops.tracking import pipeline_run
+
+    ws, config, parent = logged
+    with pipeline_run(ws, config) as empty_parent:
+        pass
+    df = collect_runs(EXPERIMENT, empty_parent.run_id)
+    assert df.attrs["source"] == "latest-per-architecture"
+    assert list(df["architecture"]) == ["closed_book", "incontext_ralm"]
+    assert df.set_index("architecture").loc["closed_book", "describe/f1"] == pytest.approx(0.20)
+    with pytest.raises(Exception, match="does not exist"):
+        collect_runs("no-such-experiment")
+
+
+def test_comparison_table_and_pareto(logged):
+    df = collect_runs(EXPERIMENT)
+    table = comparison_table(df)
+    cols = list(table.columns)
+    assert cols[:3] == ["architecture", "family", "finetune"]
+    # Tasks in order, each metric followed by its CI; cost columns after the quality ones.
+    assert cols.index("describe/f1") < cols.index("describe/f1_ci_low") < cols.index("describe/f1_ci_high") < cols.index("identify/em") < cols.index("lm/token_ppl")
+    assert cols.index("lm/token_ppl") < cols.index("train/wall_s") < cols.index("inference/cost_usd_per_1k_questions")
+    shown = {row["architecture"]: row for row in format_table(table)}
+    assert shown["incontext_ralm"]["describe/f1"] == "0.450 [0.380, 0.520]"
+
+    front = pareto_front(df, "describe/f1", "inference/cost_usd_per_1k_questions")
+    assert list(front["architecture"]) == ["closed_book", "incontext_ralm"]  # cheaper vs better: both on the front
+    # Perplexity is minimised: incontext_ralm is better *and*... more expensive, so both stay.
+    assert not higher_is_better("lm/token_ppl") and higher_is_better("describe/f1")
+    dominated = df.copy()
+    dominated.loc[dominated["architecture"] == "closed_book", "inference/cost_usd_per_1k_questions"] = 0.5
+    assert list(pareto_front(dominated, "describe/f1", "inference/cost_usd_per_1k_questions")["architecture"]) == ["incontext_ralm"]
+    assert pick_champion(df, "describe/f1", "max")["architecture"] == "incontext_ralm"
+    assert pick_champion(df, "lm/token_ppl", "min")["architecture"] == "incontext_ralm"
+    assert pick_champion(df, "identify/em", "min")["architecture"] == "closed_book"
+
+
+def test_plot_pareto_three_families(tmp_path):
+    df = pd.DataFrame([
+        {"architecture": "closed_book", "family": "baseline", "finetune": "none", "q": 0.2, "q_ci_low": 0.1, "q_ci_high": 0.3, "c": 1.0},
+        {"architecture": "incontext_ralm", "family": "black-box", "finetune": "none", "q": 0.5, "q_ci_low": 0.4, "q_ci_high": 0.6, "c": 3.0},
+        {"architecture": "retro_lite", "family": "white-box", "finetune": "joint", "q": 0.4, "q_ci_low": 0.3, "q_ci_high": 0.5, "c": 5.0},
+    ])
+    out = plot_pareto(df, "q", "c", tmp_path / "p.png", tmp_path / "p.html")
+    assert out["front"] == ["closed_book", "incontext_ralm"]
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (tmp_path / "p.html").read_text()
+    for family in ("baseline", "black-box", "white-box"):
+        assert family in html
+    assert "retro_lite" in html and "step-after" in html  # the front line
+
+
+def test_run_compare_writes_files_and_registers_champion(logged):
+    import mlflow
+
+    ws, config, parent = logged
+    summary = run_compare(ws, config, parent_run_id=parent)
+    assert summary["architectures"] == 2 and summary["parent_run_id"] == parent
+    assert [row["architecture"] for row in summary["table"]] == ["closed_book", "incontext_ralm"]
+    assert summary["pareto"]["inference"]["cost_metric"] == "inference/cost_usd_per_1k_questions"
+    assert summary["pareto"]["inference"]["front"] == ["closed_book", "incontext_ralm"]
+    for name in ("comparison.csv", "comparison.json", "summary.json", "pareto-inference.png", "pareto-inference.html", "pareto-train.png", "pareto-train.html"):
+        assert (ws.compare_dir / name).stat().st_size > 0, name
+    html = (ws.compare_dir / "pareto-inference.html").read_text()
+    assert "baseline" in html and "black-box" in html and "incontext_ralm" in html and "closed_book" in html
+    assert json.loads((ws.compare_dir / "summary.json").read_text())["champion"]["architecture"] == "incontext_ralm"
+
+    champion = summary["champion"]
+    assert champion["architecture"] == "incontext_ralm" and champion["new_version"]
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias(config.champion.registered_model, config.champion.alias)
+    assert str(version.version) == champion["version"]
+    assert version.tags["architecture"] == "incontext_ralm"
+    model = mlflow.pyfunc.load_model(f"models:/{config.champion.registered_model}@{config.champion.alias}")
+    prediction = model.predict(pd.DataFrame({"question": ["who?"]}))
+    card = json.loads(prediction.loc[0, "card"])
+    assert card["architecture"] == "incontext_ralm" and card["family"] == "black-box"
+    assert card["metrics"]["describe/f1"] == pytest.approx(0.45)
+    assert card["options"]["retriever"] == config.architectures["incontext_ralm"].retriever
+
+    # Same source run again: the alias stays on the same version (no duplicate registration).
+    again = run_compare(ws, config, parent_run_id=parent)
+    assert again["champion"]["version"] == champion["version"] and not again["champion"]["new_version"]
+
+
+def test_run_compare_without_runs(tmp_path, mlflow_store):
+    import mlflow
+
+    mlflow.create_experiment(EXPERIMENT)
+    summary = run_compare(Workspace(tmp_path), _config(), register=False)
+    assert summary["architectures"] == 0 and "no finished architecture runs" in summary["message"]

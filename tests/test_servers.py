@@ -1,0 +1,144 @@
+"""Real servers on 127.0.0.1: a Prefect server whose scheduler fires a served deployment, and an
+MLflow tracking server logged to over HTTP. Each test stops what it starts (process groups) and
+checks that nothing is left running."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ragops.ops.servers import port_in_use, running_server, start_mlflow_server, start_prefect_server, start_process, stop_all
+from ragops.paths import Workspace
+
+pytestmark = pytest.mark.slow
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+TINY_FLOW = textwrap.dedent(
+    '''
+    import sys
+    from pathlib import Path
+
+    from prefect import flow
+
+    from flows.deploy import serve_deployments
+    from ragops.config import resolve
+
+
+    @flow(name="tiny")
+    def tiny(n: int = 1) -> int:
+        with open(Path(__file__).with_name("ran.txt"), "a") as out:
+            out.write(f"{n}\\n")
+        return n + 1
+
+
+    if __name__ == "__main__":
+        # The two ragops deployments from params.yaml defaults, plus a tiny one every 3 seconds.
+        serve_deployments(resolve({}), sys.argv[1], extra=[tiny.to_deployment(name="tiny-every-3s", interval=3)])
+    '''
+)
+
+
+def _assert_gone(server, pids_before):
+    assert not server.pids(), f"{server.name} left processes {server.pids()}"
+    alive = [p for p in pids_before if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"{server.name}: processes {alive} still alive"
+
+
+def test_prefect_schedule_fires_then_everything_stops(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from ragops.ops.testing import FAST_SCHEDULER_ENV
+
+    ws = Workspace(tmp_path / "project")
+    ws.root.mkdir()
+    server = serving = None
+    try:
+        server = start_prefect_server(ws, prefect_home=tmp_path / "server-home", log_dir=tmp_path / "logs", extra_env=FAST_SCHEDULER_ENV)
+        assert server.url.startswith("http://127.0.0.1:") and server.healthy()
+        assert running_server(ws, "prefect") == server.url  # discoverable by other ragops commands
+        (tmp_path / "tiny_flow.py").write_text(TINY_FLOW)
+        serving = start_process(
+            "serve", [sys.executable, "tiny_flow.py", str(ws.root)], cwd=tmp_path, log_path=tmp_path / "logs" / "serve.log",
+            env={
+                "PREFECT_API_URL": f"{server.url}/api",
+                "PREFECT_HOME": str(tmp_path / "client-home"),
+                "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+                "PYTHONPATH": str(PROJECT_ROOT),
+            },
+        )
+        with temporary_settings(updates={PREFECT_API_URL: f"{server.url}/api"}), get_client(sync_client=True) as client:
+            deadline, tiny, completed = time.monotonic() + 150, None, []
+            while time.monotonic() < deadline and not completed:
+                assert serving.process.poll() is None, f"serve exited:\n{serving.log_tail()}"
+                time.sleep(2)
+                try:
+                    tiny = tiny or client.read_deployment_by_name("tiny/tiny-every-3s")
+                except Exception:  # noqa: BLE001 - not registered yet
+                    continue
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[tiny.id])))
+                completed = [r for r in runs if r.state and r.state.is_completed()]
+            assert completed, f"no scheduled run completed; serve log:\n{serving.log_tail()}\nserver log:\n{server.log_tail()}"
+            assert completed[0].auto_scheduled, "the run must come from the schedule, not a manual trigger"
+            assert (tmp_path / "ran.txt").exists()
+
+            # The ragops deployments were registered from the configuration.
+            refresh = client.read_deployment_by_name("refresh/ragops-refresh")
+            evaluate = client.read_deployment_by_name("evaluate/ragops-evaluate")
+            assert refresh.schedules[0].schedule.cron == "0 3 * * *" and refresh.schedules[0].schedule.timezone == "UTC"
+            assert evaluate.schedules[0].schedule.cron == "0 4 * * 0"
+            assert refresh.parameters["workspace"] == str(ws.root)
+            assert refresh.entrypoint == "flows.pipeline.refresh"
+            assert refresh.global_concurrency_limit.limit == 1
+            assert refresh.concurrency_options.collision_strategy == "CANCEL_NEW"
+            limit = client.read_global_concurrency_limit_by_name("ragops-workspace")
+            assert limit.limit == 1 and limit.active
+
+            serve_pids = serving.pids()
+            serving.stop()  # SIGINT to the serve process group
+            _assert_gone(serving, serve_pids)
+            # pause_on_shutdown=False: the nightly schedule survives the serve process.
+            assert not client.read_deployment_by_name("refresh/ragops-refresh").paused
+    finally:
+        stop_all(serving, server)  # even on failure
+    pids = server.pids()
+    assert not pids
+    assert not port_in_use(server.port), "the Prefect port is still bound"
+    assert running_server(ws, "prefect") is None
+
+
+def test_mlflow_server_logs_over_http_and_leaves_no_orphans(tmp_path, migrated_mlflow_db):
+    import mlflow
+
+    ws = Workspace(tmp_path)
+    ws.mlruns.mkdir()
+    shutil.copy(migrated_mlflow_db, ws.mlruns / "mlflow.db")
+    server = start_mlflow_server(ws, log_dir=tmp_path / "logs")
+    try:
+        before = server.pids()
+        assert before and server.healthy()
+        client = mlflow.MlflowClient(tracking_uri=server.url)
+        experiment_id = client.create_experiment("through-http")
+        run = client.create_run(experiment_id, run_name="over-http")
+        client.log_metric(run.info.run_id, "describe/f1", 0.5)
+        client.log_text(run.info.run_id, "hello", "notes/hello.txt")  # proxied to --artifacts-destination
+        client.set_terminated(run.info.run_id)
+    finally:
+        server.stop()
+    _assert_gone(server, before)
+    assert not port_in_use(server.port)
+    # No MLflow helper (uvicorn worker, huey_consumer) survived, whatever its process group.
+    store = str(ws.mlruns / "mlflow.db")
+    leftovers = [p.pid for p in psutil.process_iter(["cmdline"]) if any(store in part for part in (p.info["cmdline"] or []))]
+    assert not leftovers, f"orphaned MLflow processes: {leftovers}"
+    # The run is in the project's SQLite store, its artifact under mlruns/artifacts.
+    stored = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}").get_run(run.info.run_id)
+    assert stored.data.metrics["describe/f1"] == 0.5 and stored.info.status == "FINISHED"
+    assert list((ws.mlruns / "artifacts").rglob("hello.txt"))
