@@ -1,0 +1,123 @@
+"""`run_architecture`: the one entry point the stage layer calls to train and evaluate an architecture."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from ragops.architectures import registry
+from ragops.architectures.base import Architecture, ArchitectureContext
+from ragops.evaluation.data import check_workspace_leakage, load_heldout, load_questions
+from ragops.evaluation.harness import evaluate_lm, evaluate_qa, predictions_frame
+from ragops.evaluation.prompts import qa_prompt
+
+if TYPE_CHECKING:
+    from ragops.config import Config
+    from ragops.cost import CostMeter
+    from ragops.lm.model import CausalLM
+    from ragops.paths import Workspace
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # `<task>/<metric>` and `_ci_low` / `_ci_high` (no cost keys: those are the meters')
+    predictions: pd.DataFrame  # one row per question / held-out document (harness.PREDICTION_COLUMNS)
+    info: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable details (counts, settings, timings)
+
+
+def build_architecture(
+    name: str,
+    ws: Workspace,
+    config: Config,
+    *,
+    progress: bool = True,
+    lm: CausalLM | None = None,
+    retrievers: dict[str, Any] | None = None,
+    options: Any = None,
+) -> Architecture:
+    """An architecture instance with its context (LM and retrievers loaded lazily unless given)."""
+    cls = registry.get(name)
+    if options is None:
+        options = config.architectures[name] if name in config.architectures else cls.Options()
+    ctx = ArchitectureContext(ws, config, ws.architecture_dir(name), progress=progress, lm_override=lm, retrievers=dict(retrievers or {}))
+    return cls(ctx, options)
+
+
+def run_architecture(
+    name: str,
+    ws: Workspace,
+    config: Config,
+    *,
+    train_meter: CostMeter,
+    infer_meter: CostMeter,
+    progress: bool = True,
+    lm: CausalLM | None = None,
+    retrievers: dict[str, Any] | None = None,
+) -> EvalResult:
+    """Train `name` if it needs it, then evaluate it on every task of `config.eval.tasks`.
+
+    Questions come from `questions.parquet` (split `config.eval.split`, first `max_questions` per
+    task by qid) and held-out documents from `heldout.parquet` (the split's half, first
+    `max_lm_docs` by doc_id; no held-out id may be in the chunk table). The meters must not be
+    entered yet: training runs inside `train_meter`, evaluation inside `infer_meter`; both get
+    token, FLOP and retrieval counters and the parameter counts. `lm`/`retrievers` may be passed
+    ready-made (tests, benchmarks); otherwise they are loaded from the workspace.
+    """
+    eval_config = config.eval
+    arch = build_architecture(name, ws, config, progress=progress, lm=lm, retrievers=retrievers)
+    questions = load_questions(ws, eval_config.tasks, eval_config.split, eval_config.max_questions)
+    docs = load_heldout(ws, eval_config.split, eval_config.max_lm_docs) if "lm" in eval_config.tasks else None
+    if docs is not None:
+        check_workspace_leakage(ws)
+
+    train_info = None
+    with train_meter:
+        if arch.needs_training():
+            train_info = arch.train(train_meter)
+
+    metrics: dict[str, float] = {}
+    parts: list[pd.DataFrame] = []
+    seconds: dict[str, float] = {}
+    with infer_meter:
+        lm_before = arch.lm.counters.snapshot()
+        for task in eval_config.tasks:
+            start = time.perf_counter()
+            if task == "lm":
+                task_metrics, table = evaluate_lm(arch, docs, infer_meter, eval_config, config.seed)
+            else:
+                subset = questions[questions["task"] == task]
+                task_metrics, table = evaluate_qa(arch, task, subset, infer_meter, eval_config, config.seed)
+            metrics.update(task_metrics)
+            parts.append(table)
+            seconds[task] = round(time.perf_counter() - start, 3)
+        lm_spent = arch.lm.counters.since(lm_before)
+    total, trainable = arch.param_counts()
+    train_meter.set_params(total, trainable)
+    infer_meter.set_params(total, trainable)
+
+    predictions = predictions_frame(parts)
+    lm_model = arch.lm
+    info = {
+        **arch.tags(),
+        "options": arch.options.model_dump(mode="json"),
+        "tasks": list(eval_config.tasks),
+        "split": eval_config.split,
+        "examples": {task: int((predictions["task"] == task).sum()) for task in eval_config.tasks},
+        "seconds": seconds,
+        "prompt": qa_prompt("{question}", ["{passage}"], lm_model.chat_formatter) if questions is not None and len(questions) else None,
+        "lm": {
+            "path": lm_model.name,
+            "params": lm_model.n_params,
+            "layers": lm_model.n_layers,
+            "d_model": lm_model.d_model,
+            "max_length": lm_model.max_length,
+            "device": str(lm_model.device),
+            "counters": lm_spent,
+        },
+        "train": train_info,
+        "architecture_info": arch.info,
+    }
+    return EvalResult(metrics=metrics, predictions=predictions, info=info)

@@ -1,0 +1,209 @@
+"""The LM layer on tiny real models (Llama and GPT-2 built here from configs, random weights).
+
+Every fast path (batching, left padding, the shared-prefix KV cache, scoring the gold answer from
+the generation prompt's cache, row dropping in generation) is checked against a plain full
+forward of the same model, which has none of them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from ragops.lm import CausalLM, prepare_lm, sliding_windows
+from ragops.lm.prepare import META_FILE
+
+TEXTS = [
+    "The Eiffel Tower is a wrought-iron lattice tower in Paris.",
+    "Stanley Kubrick was an American filmmaker and photographer.",
+    "Photosynthesis converts light energy into chemical energy.",
+    "A short one.",
+    "Mount Everest is Earth's highest mountain above sea level, located in the Himalayas.",
+]
+
+
+def _build(kind: str, tiny_lm_dir, out) -> CausalLM:
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    torch.manual_seed(1)
+    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if kind == "llama":
+        config = LlamaConfig(
+            hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256, initializer_range=0.3, tie_word_embeddings=True, **common,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=256, initializer_range=0.3, **common)
+        model = GPT2LMHeadModel(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return CausalLM.load(out, device="cpu", max_length=128, batch_tokens=256)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def lm(request, tiny_lm_dir, tmp_path_factory) -> CausalLM:
+    return _build(request.param, tiny_lm_dir, tmp_path_factory.mktemp(request.param))
+
+
+def manual_logprobs(lm: CausalLM, context: list[int], continuation: list[int]) -> np.ndarray:
+    """Log-probs of `continuation` from one unbatched, uncached full forward (the reference)."""
+    context = context or [lm.start_id]
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(ids).logits[0].float(), dim=-1)
+    return np.array([logp[len(context) - 1 + j, t].item() for j, t in enumerate(continuation)])
+
+
+def manual_greedy(lm: CausalLM, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    out = []
+    for _ in range(n):
+        with torch.no_grad():
+            token = int(lm.model(torch.tensor([ids])).logits[0, -1].argmax())
+        if token in lm.eos_ids:
+            break
+        out.append(token)
+        ids.append(token)
+    return out
+
+
+def test_score_matches_a_manual_forward(lm):
+    contexts = ["Question: where is the tower?\nAnswer:", "The capital", "", "Kubrick directed"]
+    continuations = [" In Paris, France.", " of France is Paris", "Hello there", " 2001: A Space Odyssey"]
+    scored = lm.score(contexts, continuations)
+    for context, continuation, got in zip(contexts, continuations, scored, strict=True):
+        want = manual_logprobs(lm, lm.encode(context), lm.encode(continuation))
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=2e-4)
+
+
+def test_batched_equals_unbatched_and_counts_tokens(lm):
+    contexts = [TEXTS[i][:20] for i in range(len(TEXTS))]
+    continuations = [TEXTS[i][20:] for i in range(len(TEXTS))]
+    before = lm.counters.snapshot()
+    batched = lm.score(contexts, continuations)
+    spent = lm.counters.since(before)
+    single = [lm.score([c], [k])[0] for c, k in zip(contexts, continuations, strict=True)]
+    for a, b in zip(batched, single, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4)
+    assert spent["tokens_scored"] == sum(len(lm.encode(k)) for k in continuations)
+    assert spent["flops"] > 0
+    # the batch budget (256 padded tokens) forces several batches and sorting keeps padding low
+    assert spent["forward_passes"] >= 1
+
+
+def test_shared_context_reuses_its_kv_cache(lm):
+    context = "Mount Everest is Earth's highest mountain; it lies in"
+    options = [" the Himalayas", " Paris", " the Alps near Geneva", " Nepal and China"]
+    before = lm.counters.snapshot()
+    shared = lm.score([context] * len(options), options)
+    spent = lm.counters.since(before)
+    n_ctx = len(lm.encode(context))
+    n_cont = [len(lm.encode(o)) for o in options]
+    # the context went through the model once, not once per continuation
+    assert spent["tokens_forward"] == n_ctx + sum(n - 1 for n in n_cont)
+    for option, got in zip(options, shared, strict=True):
+        np.testing.assert_allclose(got, manual_logprobs(lm, lm.encode(context), lm.encode(option)), atol=2e-4)
+    # mixed: shared and unshared contexts in one call give the same numbers as separate calls
+    mixed = lm.score([context, "Another context", context], [options[0], " here", options[2]])
+    np.testing.assert_allclose(mixed[0], shared[0], atol=2e-4)
+    np.testing.assert_allclose(mixed[2], shared[2], atol=2e-4)
+    np.testing.assert_allclose(mixed[1], lm.score(["Another context"], [" here"])[0], atol=2e-4)
+
+
+def test_long_context_is_left_truncated(lm):
+    long_context = " ".join(TEXTS * 6)
+    ids = lm.encode(long_context)
+    assert len(ids) > lm.max_length
+    cont = lm.encode(" The end.")
+    got = lm.score_ids([ids], [cont])[0]
+    kept = ids[-(lm.max_length - len(cont)) :]
+    np.testing.assert_allclose(got, manual_logprobs(lm, kept, cont), atol=2e-4)
+
+
+def test_generation_is_greedy_batched_and_cached(lm):
+    prompts = ["The tower", "Stanley Kubrick was an American", "Light", "Mount Everest is Earth's highest"]
+    first = lm.generate(prompts, max_new_tokens=10, stop=())
+    again = lm.generate(prompts, max_new_tokens=10, stop=())
+    assert first == again  # deterministic
+    for prompt, text in zip(prompts, first, strict=True):
+        want = lm.decode(manual_greedy(lm, lm.encode(prompt), 10))
+        assert text == want  # left padding + KV cache change nothing
+
+
+def test_generation_honours_stop_strings(lm):
+    prompt = "Stanley Kubrick was an American"
+    free = lm.generate([prompt], max_new_tokens=12, stop=())[0]
+    body = free.lstrip()
+    assert len(body) > 4
+    stop = body[2:4]  # a piece that occurs after some text
+    cut = lm.generate([prompt], max_new_tokens=12, stop=(stop,))[0]
+    assert stop not in cut.lstrip()
+    assert free.startswith(cut)
+    assert cut == free[: free.index(stop, len(free) - len(body))]
+
+
+def test_score_and_generate_share_the_prompt_forward(lm):
+    prompts = ["Question: where is the tower?\nAnswer:", "Kubrick directed"]
+    golds = [" Paris", " 2001: A Space Odyssey"]
+    before = lm.counters.snapshot()
+    scores, texts = lm.score_and_generate(prompts, golds, max_new_tokens=6, stop=())
+    spent = lm.counters.since(before)
+    for prompt, gold, got in zip(prompts, golds, scores, strict=True):
+        np.testing.assert_allclose(got, manual_logprobs(lm, lm.encode(prompt), lm.encode(gold)), atol=2e-4)
+    assert texts == lm.generate(prompts, max_new_tokens=6, stop=())
+    prompt_tokens = sum(len(lm.encode(p)) for p in prompts)
+    gold_rest = sum(len(lm.encode(g)) - 1 for g in golds)
+    # each prompt ran once (scoring and generation share it), never twice
+    assert spent["tokens_forward"] <= prompt_tokens + gold_rest + spent["tokens_generated"]
+    assert prompt_tokens > spent["tokens_generated"]
+
+
+def test_sliding_windows_cover_every_token_once():
+    ids = list(range(1000))
+    windows = sliding_windows(ids, max_length=64, stride=20)
+    targets = [t for _, target in windows for t in target]
+    assert targets == ids
+    for context, target in windows:
+        assert len(context) + len(target) <= 64
+        if context:
+            assert context[-1] + 1 == target[0]  # context is exactly the tokens before the target
+
+
+def test_token_logprobs_over_windows(lm):
+    ids = lm.encode(" ".join(TEXTS * 4))
+    assert len(ids) > lm.max_length
+    got = lm.token_logprobs(ids, stride=40)
+    want = np.concatenate([manual_logprobs(lm, c, t) for c, t in sliding_windows(ids, lm.max_length, 40)])
+    assert got.shape == (len(ids),)
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    ppl = lm.perplexity(TEXTS)
+    assert ppl["tokens"] == sum(len(lm.encode(t)) for t in TEXTS)
+    assert ppl["words"] == sum(len(t.split()) for t in TEXTS)
+    assert ppl["word_ppl"] > ppl["token_ppl"] > 1  # more tokens than words
+
+
+def test_prepare_lm_round_trips_a_local_folder(tiny_lm_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "prepared"
+    meta = prepare_lm(str(tiny_lm_dir), out)
+    assert meta["source"] == "local" and meta["params"] > 0 and meta["seconds"] >= 0
+    assert (out / "model.safetensors").exists() and (out / META_FILE).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prepared")]  # atomic: no leftovers
+    start = time.perf_counter()
+    loaded = CausalLM.load(out, device="cpu")
+    assert time.perf_counter() - start < 5
+    original = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    ids = torch.tensor([loaded.encode("Stanley Kubrick was an American filmmaker")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, original(ids).logits)
+    assert loaded.n_params == meta["params"]
+    # a second prepare replaces the folder whole
+    prepare_lm(str(tiny_lm_dir), out)
+    assert (out / "model.safetensors").exists()
