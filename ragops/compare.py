@@ -106,7 +106,8 @@ def _rows(runs) -> pd.DataFrame:
                 "architecture": tags.get("architecture") or tags.get("ragops.name") or run.info.run_name,
                 "family": tags.get("family", "unknown"),
                 "finetune": tags.get("finetune", "unknown"),
-                "run_id": run.info.run_id,
+                # A run that re-logged unchanged results points at the run that computed them.
+                "run_id": tags.get("ragops.reused_from") or run.info.run_id,
                 "parent_run_id": tags.get("mlflow.parentRunId"),
                 "start_time": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC"),
                 **run.data.metrics,

@@ -87,7 +87,7 @@ def _run_stage(
         previous = read_json(manifest)
         if previous.get("fingerprint") == fingerprint:
             log.info("%s: inputs and parameters unchanged, skipped", run_name or stage)
-            return StageOutcome(stage, True, previous.get("stats", {}))
+            return StageOutcome(stage, True, previous.get("stats", {}), previous.get("run_id"))
     log.info("%s: running", run_name or stage)
     with tracked_run(ws, config, run_name or stage, kind=kind, parent_run_id=parent_run_id, params=params, tags=tags) as run:
         with run.meter("stage") as meter:
@@ -95,7 +95,7 @@ def _run_stage(
             body(context)
         numeric = {k: v for k, v in context.stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         run.log_metrics({f"{stage}/{k}" if "/" not in k else k: v for k, v in numeric.items()})
-        write_json(manifest, {"stage": stage, "fingerprint": fingerprint, "stats": _deterministic(context.stats)})
+        write_json(manifest, {"stage": stage, "fingerprint": fingerprint, "run_id": run.run_id, "stats": _deterministic(context.stats)})
         return StageOutcome(stage, False, context.stats, run.run_id)
 
 
@@ -488,7 +488,7 @@ def evaluate_architecture(
         # child run (its stored metrics, tagged as reused) so that every pipeline run is complete
         # in MLflow's compare view.
         with tracked_run(ws, config, name, kind="architecture", parent_run_id=parent_run_id,
-                         tags={**tags, "ragops.reused": "true"}, params=params) as run:
+                         tags={**tags, "ragops.reused_from": outcome.run_id or "unknown"}, params=params) as run:
             run.log_metrics(read_json(metrics_file))
             outcome.run_id = run.run_id
     return outcome

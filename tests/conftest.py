@@ -61,33 +61,9 @@ def mlflow_store(tmp_path, monkeypatch, migrated_mlflow_db) -> str:
 @pytest.fixture(scope="session")
 def tiny_lm_dir() -> Path:
     """A tiny Llama-style causal LM (random weights) and a BPE tokenizer trained here: no download."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tests.builders import build_tiny_lm
 
-    from ragops.resources import default_corpus_file
-    import json
-
-    torch = pytest.importorskip("torch")
-    out = _SESSION_DIR / "tiny-lm"
-    if (out / "config.json").exists():
-        return out
-    texts = [e["extract"] for e in list(json.loads(default_corpus_file().read_text()).values())[:400]]
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=fast.eos_token_id,
-        bos_token_id=fast.bos_token_id, pad_token_id=fast.pad_token_id, tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(out)
-    fast.save_pretrained(out)
-    return out
+    return build_tiny_lm(_SESSION_DIR / "tiny-lm")
 
 
 def write_params(root: Path, **overrides) -> Path:

@@ -299,5 +299,10 @@ def test_pipeline_flow_end_to_end(prefect_api, copy_workspace):
     by_label = {o["label"]: o for o in result["outcomes"]}
     assert by_label["evaluate@closed_book"]["skipped"] and by_label["evaluate@incontext_ralm"]["skipped"]
     again = by_label["compare"]["summary"]
-    assert again["source"] == "latest-per-architecture" and again["architectures"] == 2
+    # Unchanged architectures are re-logged under the new parent (complete in MLflow's compare
+    # view), pointing at the runs that computed them, so the champion is not registered again.
+    assert again["source"] == "parent" and again["architectures"] == 2
+    reused = [r for r in _children(result["parent_run_id"]) if r.info.run_name != "compare"]
+    assert sorted(r.info.run_name for r in reused) == ["closed_book", "incontext_ralm"]
+    assert {r.data.tags["ragops.reused_from"] for r in reused} == {r.info.run_id for r in _children(parent) if r.info.run_name != "compare"}
     assert again["champion"]["version"] == champion["version"]  # same source run: no new version
