@@ -166,6 +166,9 @@ def pipeline(
                         record.failed[name] = f"{type(exc).__name__}: {exc}"
                         raise
                     record.outcomes.extend(result["outcomes"])
+            from ragops.stages import record_in_dvc_lock
+
+            record_in_dvc_lock(ws, config)
         finally:
             result = orch.finish(record, parent_run_id=pid)
     return result

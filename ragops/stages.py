@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -166,12 +167,17 @@ def _deterministic(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stats.items() if not any(token in k for token in volatile)}
 
 
+def _dvc_executable() -> str:
+    """DVC from this interpreter's environment (the venv may not be on PATH), else from PATH."""
+    beside = Path(sys.executable).with_name("dvc")
+    return str(beside) if beside.exists() else (shutil.which("dvc") or "dvc")
+
+
 def _dvc_add_corpus(ws: Workspace) -> None:
     """Version the new corpus with DVC (data.dvc) when the workspace is a DVC repository."""
     if not (ws.root / ".dvc").is_dir():
         return
-    dvc = shutil.which("dvc") or str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "dvc")
-    result = subprocess.run([dvc, "add", "--quiet", "data"], cwd=ws.root, capture_output=True, text=True)
+    result = subprocess.run([_dvc_executable(), "add", "--quiet", "data"], cwd=ws.root, capture_output=True, text=True)
     if result.returncode != 0:
         raise RagopsError(f"dvc add data failed: {(result.stderr or result.stdout).strip().splitlines()[-1:]}")
 
@@ -547,6 +553,34 @@ DATA_STAGES: dict[str, Callable[..., StageOutcome]] = {
 }
 
 
+def record_in_dvc_lock(ws: Workspace, config: Config) -> bool:
+    """Record the outputs this run produced in dvc.lock (`dvc commit`), when the workspace is a DVC repo.
+
+    The stages ran the same commands `dvc repro` would run, with the same parameters, so their
+    outputs are exactly what DVC would have produced: recording them makes a following
+    `dvc repro` a no-op and puts the corpus, index and model versions under DVC (`dvc push`).
+    """
+    if not (ws.root / ".dvc").is_dir() or not (ws.root / "dvc.yaml").exists():
+        return False
+    outputs = {
+        "validate": ws.validation_dir, "split": ws.benchmark_dir, "chunk": ws.chunks_dir, "embed": ws.embeddings_dir,
+        "index": ws.index_dir, "eval_retrieval": ws.retrieval_eval_dir, "prepare_lm": ws.lm_dir,
+        **{f"evaluate@{name}": ws.eval_dir(name) for name in config.architectures},
+    }
+    targets = [stage for stage, out_dir in outputs.items() if (out_dir / MANIFEST).exists()]
+    if ws.compare_dir.exists():
+        targets.append("compare")
+    if not targets:
+        return False
+    dvc = _dvc_executable()
+    result = subprocess.run([dvc, "commit", "--force", "--quiet", *targets], cwd=ws.root, capture_output=True, text=True)
+    if result.returncode != 0:
+        log.warning("dvc commit failed, dvc.lock not updated: %s", (result.stderr or result.stdout).strip()[-300:])
+        return False
+    log.info("recorded %d stages in dvc.lock (dvc repro now has nothing to do)", len(targets))
+    return True
+
+
 def run_pipeline(
     ws: Workspace,
     config: Config,
@@ -571,4 +605,5 @@ def run_pipeline(
             outcomes[f"evaluate@{name}"] = evaluate_architecture(ws, config, name, parent_run_id=pid, progress=progress)
         if with_compare:
             outcomes["compare"] = compare(ws, config, parent_run_id=pid)
+    record_in_dvc_lock(ws, config)
     return outcomes

@@ -67,3 +67,38 @@ def test_repro_from_ingested_corpus_then_noop_then_experiment(dvc_repo):
     assert "HNSW16" in factories and "Flat" in factories
     diff = sh(repo, "dvc", "params", "diff", "--json").stdout
     assert "HNSW16" in diff
+
+
+def test_outputs_of_ragops_stages_are_recorded_so_dvc_repro_has_nothing_to_do(dvc_repo):
+    """`ragops run` ends with `dvc commit`: the CLI and DVC agree on what is up to date."""
+    from ragops import stages
+    from ragops.config import load_config
+    from ragops.paths import Workspace
+
+    repo = dvc_repo
+    ws = Workspace(repo)
+    config = load_config(ws.params)
+    stages.ingest(ws, config)
+    for name in ("validate", "split", "chunk", "embed", "index"):
+        stages.DATA_STAGES[name](ws, config)
+    assert "changed" in sh(repo, "dvc", "status", "index", "--with-deps").stdout
+    assert stages.record_in_dvc_lock(ws, config)
+    assert "up to date" in sh(repo, "dvc", "status", "index", "--with-deps").stdout
+    assert "Running stage" not in sh(repo, "dvc", "repro", "index").stdout
+
+
+def test_corpus_and_index_round_trip_through_a_local_remote(dvc_repo, tmp_path):
+    """A teammate's fresh checkout gets the exact corpus version and index with `dvc pull`."""
+    from ragops.io import path_hash
+
+    repo = dvc_repo
+    sh(repo, "ragops", "ingest")
+    sh(repo, "dvc", "repro", "index")
+    before = {name: path_hash(repo / name) for name in ("data", "artifacts/index")}
+    sh(repo, "dvc", "remote", "add", "-d", "team", str(tmp_path / "remote"))
+    sh(repo, "dvc", "push")
+    shutil.rmtree(repo / "data")
+    shutil.rmtree(repo / "artifacts")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    sh(repo, "dvc", "pull", "data.dvc", "index")  # what this checkout needs; other stages never ran
+    assert {name: path_hash(repo / name) for name in before} == before
