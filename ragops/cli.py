@@ -75,7 +75,8 @@ def main_options(
 
 def _report(outcome) -> None:
     status = "[yellow]unchanged, skipped[/]" if outcome.skipped else "[green]done[/]"
-    stats = ", ".join(f"{k}={v}" for k, v in list(outcome.summary.items())[:8])
+    scalars = [(k, v) for k, v in outcome.summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+    stats = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars[:8])
     console.print(f"[bold]{outcome.stage}[/]: {status}" + (f"  ({stats})" if stats else ""))
 
 

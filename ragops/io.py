@@ -103,13 +103,14 @@ def file_hash(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def path_hash(path: str | Path) -> str:
-    """Content hash of a file, or of a directory tree (relative names and contents, hidden files skipped)."""
+def path_hash(path: str | Path, exclude: tuple[str, ...] = ()) -> str:
+    """Content hash of a file, or of a directory tree (relative names and contents; hidden files
+    and files named in `exclude` skipped)."""
     path = Path(path)
     if path.is_file():
         return file_hash(path)
     digest = hashlib.sha256()
-    for child in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for child in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name not in exclude):
         digest.update(str(child.relative_to(path)).encode())
         digest.update(file_hash(child).encode())
     return digest.hexdigest()

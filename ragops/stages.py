@@ -62,7 +62,9 @@ def _fingerprint(stage: str, params: dict[str, Any], inputs: dict[str, Path]) ->
     for name, path in sorted(inputs.items()):
         if not path.exists():
             raise RagopsError(f"{path}: missing input of stage '{stage}' (run the earlier stages first: ragops run)")
-        hashes[name] = path_hash(path)
+        # Manifests are bookkeeping, not content: an upstream stage re-recording its manifest
+        # must not make downstream stages re-run.
+        hashes[name] = path_hash(path, exclude=(MANIFEST,))
     return json_hash({"stage": stage, "version": __version__, "params": params, "inputs": hashes})
 
 
@@ -164,7 +166,11 @@ def up_to_date(stage: str, ws: Workspace, config: Config) -> bool:
 def _deterministic(stats: dict[str, Any]) -> dict[str, Any]:
     """Stats stored in the manifest (a DVC-hashed output) must not change between identical runs."""
     volatile = ("seconds", "_s", "per_s", "latency", "ms", "throughput")
-    return {k: v for k, v in stats.items() if not any(token in k for token in volatile)}
+    return {
+        k: v for k, v in stats.items()
+        if not any(token in k for token in volatile)
+        and not (isinstance(v, str) and v.startswith("/"))  # absolute paths differ between checkouts
+    }
 
 
 def _dvc_executable() -> str:
