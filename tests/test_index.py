@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 
 import faiss
@@ -28,51 +26,7 @@ from ragops.retrieval.index import (
     write_index,
 )
 
-FIXTURE_TITLES = [
-    "Mona Lisa", "Leonardo da Vinci", "General relativity", "Albert Einstein", "Isaac Newton", "Photosynthesis",
-    "The Starry Night", "Vincent van Gogh", "Pablo Picasso", "Michelangelo", "Paris", "Louvre", "Jupiter", "Moon",
-    "DNA", "Black hole", "Water", "Chess",
-]
-
-
-def fixture_chunks(n_docs: int = 120, words: int = 50) -> pd.DataFrame:
-    """A chunks.parquet-shaped table (docs/contracts.md) from the packaged corpus: named articles first."""
-    data = json.loads(default_corpus_file().read_text(encoding="utf-8"))
-    entries = data if isinstance(data, dict) else {e["title"]: e for e in data}
-    titles = [t for t in FIXTURE_TITLES if t in entries]
-    titles += [t for t in entries if t not in titles][: n_docs - len(titles)]
-    rows = []
-    for title in titles:
-        doc_id = "wiki:" + hashlib.sha1(title.encode()).hexdigest()[:16]
-        tokens = entries[title]["extract"].split()
-        for position, start in enumerate(range(0, len(tokens), words)):
-            piece = tokens[start : start + words]
-            rows.append(
-                {"chunk_id": f"{doc_id}#{position:04d}", "doc_id": doc_id, "position": position, "title": title,
-                 "text": " ".join(piece), "n_tokens": len(piece)}
-            )
-    return pd.DataFrame(rows).sort_values("chunk_id", kind="stable").reset_index(drop=True)
-
-
-@pytest.fixture(scope="module")
-def encoder() -> Encoder:
-    return Encoder.load("default", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def chunks() -> pd.DataFrame:
-    return fixture_chunks()
-
-
-@pytest.fixture(scope="module")
-def texts(chunks) -> list[str]:
-    return [chunk_embedding_text(t, x) for t, x in zip(chunks["title"], chunks["text"])]
-
-
-@pytest.fixture(scope="module")
-def vectors(encoder, texts, tmp_path_factory) -> np.ndarray:
-    cache = EmbeddingCache(tmp_path_factory.getbasetemp() / "shared-embedding-cache", encoder.fingerprint)
-    return embed_texts(texts, encoder, cache, progress=False)[0]
+from tests.retrieval_fixtures import FIXTURE_TITLES, chunks, corpus_entries, doc_id_of, encoder, fixture_chunks, texts, vectors  # noqa: F401
 
 
 def recall_vs_flat(index, vectors, queries, k=10) -> float:

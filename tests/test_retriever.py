@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 
 import numpy as np
@@ -32,58 +30,7 @@ from ragops.retrieval.retriever import (
     load_retriever,
 )
 
-FIXTURE_TITLES = [
-    "Mona Lisa", "Leonardo da Vinci", "General relativity", "Albert Einstein", "Isaac Newton", "Photosynthesis",
-    "The Starry Night", "Vincent van Gogh", "Pablo Picasso", "Michelangelo", "Paris", "Louvre", "Jupiter", "Moon",
-    "DNA", "Black hole", "Water", "Chess",
-]
-
-
-def corpus_entries() -> dict:
-    data = json.loads(default_corpus_file().read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else {e["title"]: e for e in data}
-
-
-def doc_id_of(title: str) -> str:
-    return "wiki:" + hashlib.sha1(title.encode()).hexdigest()[:16]
-
-
-def fixture_chunks(n_docs: int = 120, words: int = 50) -> pd.DataFrame:
-    """A chunks.parquet-shaped table (docs/contracts.md) from the packaged corpus: named articles first."""
-    entries = corpus_entries()
-    titles = [t for t in FIXTURE_TITLES if t in entries]
-    titles += [t for t in entries if t not in titles][: n_docs - len(titles)]
-    rows = []
-    for title in titles:
-        tokens = entries[title]["extract"].split()
-        for position, start in enumerate(range(0, len(tokens), words)):
-            piece = tokens[start : start + words]
-            rows.append(
-                {"chunk_id": f"{doc_id_of(title)}#{position:04d}", "doc_id": doc_id_of(title), "position": position,
-                 "title": title, "text": " ".join(piece), "n_tokens": len(piece)}
-            )
-    return pd.DataFrame(rows).sort_values("chunk_id", kind="stable").reset_index(drop=True)
-
-
-@pytest.fixture(scope="module")
-def encoder() -> Encoder:
-    return Encoder.load("default", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def chunks() -> pd.DataFrame:
-    return fixture_chunks()
-
-
-@pytest.fixture(scope="module")
-def texts(chunks) -> list[str]:
-    return [chunk_embedding_text(t, x) for t, x in zip(chunks["title"], chunks["text"])]
-
-
-@pytest.fixture(scope="module")
-def vectors(encoder, texts, tmp_path_factory) -> np.ndarray:
-    cache = EmbeddingCache(tmp_path_factory.getbasetemp() / "shared-embedding-cache", encoder.fingerprint)
-    return embed_texts(texts, encoder, cache, progress=False)[0]
+from tests.retrieval_fixtures import FIXTURE_TITLES, chunks, corpus_entries, doc_id_of, encoder, fixture_chunks, texts, vectors  # noqa: F401
 
 
 @pytest.fixture(scope="module")
