@@ -90,7 +90,7 @@ def _run_stage(
         previous = read_json(manifest)
         if previous.get("fingerprint") == fingerprint:
             log.info("%s: inputs and parameters unchanged, skipped", run_name or stage)
-            return StageOutcome(stage, True, previous.get("stats", {}), previous.get("run_id"))
+            return StageOutcome(stage, True, previous.get("stats", {}), _previous_run(ws, out_dir))
     log.info("%s: running", run_name or stage)
     with tracked_run(ws, config, run_name or stage, kind=kind, parent_run_id=parent_run_id, params=params, tags=tags) as run:
         with run.meter("stage") as meter:
@@ -98,7 +98,8 @@ def _run_stage(
             body(context)
         numeric = {k: v for k, v in context.stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         run.log_metrics({f"{stage}/{k}" if "/" not in k else k: v for k, v in numeric.items()})
-        write_json(manifest, {"stage": stage, "fingerprint": fingerprint, "run_id": run.run_id, "stats": _deterministic(context.stats)})
+        write_json(manifest, {"stage": stage, "fingerprint": fingerprint, "stats": _deterministic(context.stats)})
+        _remember_run(ws, out_dir, run.run_id)
         return StageOutcome(stage, False, context.stats, run.run_id)
 
 
@@ -161,6 +162,24 @@ def up_to_date(stage: str, ws: Workspace, config: Config) -> bool:
     except RagopsError:  # a missing input: not up to date
         return False
     return read_json(manifest).get("fingerprint") == fingerprint
+
+
+def _runs_file(ws: Workspace) -> Path:
+    return ws.cache_dir / "stage-runs.json"
+
+
+def _remember_run(ws: Workspace, out_dir: Path, run_id: str) -> None:
+    """Which MLflow run produced an output. Kept outside the output itself: the manifest is hashed
+    by DVC and must be identical for identical results (data.dvc, dvc.lock)."""
+    path = _runs_file(ws)
+    runs = read_json(path) if path.exists() else {}
+    runs[str(out_dir.relative_to(ws.root))] = run_id
+    write_json(path, runs)
+
+
+def _previous_run(ws: Workspace, out_dir: Path) -> str | None:
+    path = _runs_file(ws)
+    return (read_json(path) if path.exists() else {}).get(str(out_dir.relative_to(ws.root)))
 
 
 def _deterministic(stats: dict[str, Any]) -> dict[str, Any]:
@@ -500,7 +519,8 @@ def evaluate_architecture(
         # child run (its stored metrics, tagged as reused) so that every pipeline run is complete
         # in MLflow's compare view.
         with tracked_run(ws, config, name, kind="architecture", parent_run_id=parent_run_id,
-                         tags={**tags, "ragops.reused_from": outcome.run_id or "unknown"}, params=params) as run:
+                         tags={**tags, **({"ragops.reused_from": outcome.run_id} if outcome.run_id else {})},
+                         params=params) as run:
             run.log_metrics(read_json(metrics_file))
             outcome.run_id = run.run_id
     return outcome
