@@ -8,6 +8,7 @@ GX is imported lazily (about 5 s) so importing ragops stays fast.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,8 @@ def _gx():
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
+    # GX pins this module's logger to INFO at import; its "temporary docs site" lines are noise.
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     return gx, gxe
 
 
