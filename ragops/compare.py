@@ -289,8 +289,8 @@ def plot_pareto(df: pd.DataFrame, quality_metric: str, cost_metric: str, png: st
     plot_data["pareto"] = plot_data["architecture"].isin(set(front["architecture"])) if not front.empty else False
     keep = ["architecture", "family", "finetune", "quality", "cost", "pareto", *(["ci_low", "ci_high"] if has_ci else [])]
     plot_data = plot_data[[c for c in keep if c in plot_data.columns]]
-    x = alt.X("cost:Q", title=f"{cost_metric} (lower is better)", scale=alt.Scale(type="log" if log_x else "linear", zero=False))
-    y = alt.Y("quality:Q", title=f"{quality_metric} ({direction})", scale=alt.Scale(zero=False))
+    x = alt.X("cost:Q", title=f"{cost_metric} (lower is better)", scale=alt.Scale(type="log" if log_x else "linear", zero=False, padding=60))  # room for labels
+    y = alt.Y("quality:Q", title=f"{quality_metric} ({direction})", scale=alt.Scale(zero=False, padding=20))
     base = alt.Chart(plot_data)
     tooltip = [c for c in plot_data.columns]
     layers = [
@@ -303,7 +303,9 @@ def plot_pareto(df: pd.DataFrame, quality_metric: str, cost_metric: str, png: st
         front_data = front.rename(columns={quality_metric: "quality", cost_metric: "cost"})[["architecture", "quality", "cost"]]
         layers.append(alt.Chart(front_data).mark_line(interpolate="step-after", strokeDash=[6, 4], color="black").encode(x=x, y=y))
     chart = alt.layer(*layers).properties(title=title, width=560, height=360).interactive()
-    chart.save(str(html))
+    # inline=True embeds the Vega JavaScript (from vl-convert-python) instead of linking a CDN:
+    # the page must open on an offline machine.
+    chart.save(str(html), inline=True)
     return {"front": list(front["architecture"]), "png": str(png), "html": str(html)}
 
 

@@ -121,6 +121,8 @@ def test_plot_pareto_three_families(tmp_path):
     for family in ("baseline", "black-box", "white-box"):
         assert family in html
     assert "retro_lite" in html and "step-after" in html  # the front line
+    # Interactive offline: the Vega runtime is embedded, no script is fetched from a CDN.
+    assert "cdn.jsdelivr.net" not in html and "vegaEmbed" in html
 
 
 def test_run_compare_writes_files_and_registers_champion(logged):
