@@ -21,9 +21,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from ragops.env import configure_environment  # offline hub, telemetry off: the same settings as the CLI
+
+configure_environment(Path(__file__).resolve().parents[1])
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402

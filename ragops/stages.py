@@ -469,6 +469,11 @@ def prepare_lm(ws: Workspace, config: Config, *, parent_run_id: str | None = Non
     )
 
 
+def _lm_inputs(ws: Workspace, config: Config) -> dict[str, Path]:
+    """The prepared LM is an input only when it is the default (another spec is loaded as named)."""
+    return {"lm": ws.lm_dir} if config.lm.model == DEFAULT_MODEL else {}
+
+
 def evaluate_architecture(
     ws: Workspace, config: Config, name: str, *, parent_run_id: str | None = None, force: bool = False, progress: bool = True
 ) -> StageOutcome:
@@ -478,9 +483,7 @@ def evaluate_architecture(
     cls = registry.get(name)
     options = config.architecture_options(name)
     metrics_file = ws.metrics_file(name)
-    inputs = {"questions": ws.questions, "heldout": ws.heldout, "index": ws.index_dir, "chunks": ws.chunks}
-    if config.lm.model == DEFAULT_MODEL:
-        inputs["lm"] = ws.lm_dir
+    inputs = {"questions": ws.questions, "heldout": ws.heldout, "index": ws.index_dir, "chunks": ws.chunks, **_lm_inputs(ws, config)}
     retriever = getattr(options, "retriever", None)
     tags = {
         "architecture": name, "family": cls.family, "finetune": cls.finetune,
@@ -550,7 +553,7 @@ def sweep(ws: Workspace, config: Config, *, parent_run_id: str | None = None, fo
 
     return _run_stage(
         "sweep", ws, config, out_dir=ws.sweep_dir,
-        inputs={"heldout": ws.heldout, "index": ws.index_dir, "chunks": ws.chunks, **({"lm": ws.lm_dir} if config.lm.model == DEFAULT_MODEL else {})},
+        inputs={"heldout": ws.heldout, "index": ws.index_dir, "chunks": ws.chunks, **_lm_inputs(ws, config)},
         params={"sweep": config.section("sweep"), "lm": config.section("lm"), "architectures": config.section("architectures")},
         body=body, parent_run_id=parent_run_id, force=force, extra_outputs=(plot_file,),
     )

@@ -111,9 +111,6 @@ class TrackedRun:
         flat = {k: (str(v)[:6000] if v is not None else "null") for k, v in flatten("", params).items()}
         mlflow.log_params(flat, run_id=self.run_id)
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        _mlflow().set_tags({k: str(v) for k, v in tags.items()})
-
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
@@ -124,8 +121,6 @@ class TrackedRun:
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         _mlflow().log_dict(obj, artifact_file, run_id=self.run_id)
 
-    def log_figure(self, figure: Any, artifact_file: str) -> None:
-        _mlflow().log_figure(figure, artifact_file, run_id=self.run_id)
 
 
 @contextlib.contextmanager

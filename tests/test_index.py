@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 
 import faiss
 import numpy as np
 import pandas as pd
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from ragops.config import IndexConfig
 from ragops.errors import RagopsError

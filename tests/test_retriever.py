@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 import pandas as pd
 import pytest
 from rich.console import Console
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from ragops.config import Config
 from ragops.errors import RagopsError
