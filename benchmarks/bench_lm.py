@@ -44,11 +44,11 @@ sys.path.insert(0, str(ROOT))
 from ragops.architectures.base import ArchitectureContext  # noqa: E402
 from ragops.architectures.closed_book import ClosedBook  # noqa: E402
 from ragops.architectures.incontext_ralm import InContextRALM, InContextRALMOptions  # noqa: E402
-from ragops.config import resolve  # noqa: E402
+from ragops.params import resolve  # noqa: E402
 from ragops.cost import CostMeter  # noqa: E402
-from ragops.evaluation.data import document_text  # noqa: E402
+from ragops.architectures.prompts import document_text  # noqa: E402
 from ragops.evaluation.metrics import perplexities  # noqa: E402
-from ragops.evaluation.prompts import answer_continuation, qa_prompt  # noqa: E402
+from ragops.architectures.prompts import answer_continuation, qa_prompt  # noqa: E402
 from ragops.io import write_json  # noqa: E402
 from ragops.lm import CausalLM, prepare_lm  # noqa: E402
 from ragops.paths import Workspace  # noqa: E402

@@ -44,7 +44,7 @@ class State:
     profile: str | None
 
     def load(self):
-        from ragops.config import load_config
+        from ragops.params import load_config
         from ragops.paths import Workspace
 
         ws = Workspace(self.workspace)

@@ -318,6 +318,7 @@ def split(ws: Workspace, config: Config, *, parent_run_id: str | None = None, fo
 def chunk(ws: Workspace, config: Config, *, parent_run_id: str | None = None, force: bool = False) -> StageOutcome:
     import pandas as pd
 
+    from ragops.data.benchmark import indexed_corpus
     from ragops.data.chunk import chunk_corpus, load_tokenizer
     from ragops.data.validate import validate_chunks
 
@@ -325,8 +326,7 @@ def chunk(ws: Workspace, config: Config, *, parent_run_id: str | None = None, fo
 
     def body(ctx: _Context) -> None:
         corpus = pd.read_parquet(ws.corpus)
-        heldout_ids = set(pd.read_parquet(ws.heldout, columns=["doc_id"])["doc_id"])
-        indexed = corpus[~corpus["doc_id"].isin(heldout_ids)]  # held-out text never enters the index
+        indexed = indexed_corpus(corpus, pd.read_parquet(ws.heldout, columns=["doc_id"]))  # held-out text never enters the index
         tokenizer = load_tokenizer(config.embed.model)
         chunks = chunk_corpus(indexed, tokenizer, config.chunk.size, config.chunk.overlap)
         report = validate_chunks(chunks, config.validate_)
@@ -381,30 +381,24 @@ def index(ws: Workspace, config: Config, *, parent_run_id: str | None = None, fo
     import pandas as pd
 
     from ragops.retrieval.embed import chunk_embedding_text
-    from ragops.retrieval.index import build_bm25, build_dense_index, chunk_ids_hash, write_index
+    from ragops.retrieval.index import build_index, write_index
 
     def body(ctx: _Context) -> None:
-        cfg = config.index
         vectors = np.load(ws.embeddings_dir / "vectors.npy")
         embed_meta = read_json(ws.embeddings_dir / "meta.json")
         chunks = pd.read_parquet(ws.chunks, columns=["chunk_id", "title", "text"])
         if len(chunks) != len(vectors):
             raise RagopsError(f"{ws.embeddings_dir}: {len(vectors)} vectors for {len(chunks)} chunks (re-run ragops embed)")
         started = time.perf_counter()
-        dense = build_dense_index(vectors, cfg.factory, cfg.ef_search, cfg.nprobe)
-        dense_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        bm25 = build_bm25([chunk_embedding_text(t, x) for t, x in zip(chunks["title"], chunks["text"], strict=True)], cfg.bm25.k1, cfg.bm25.b)
-        bm25_seconds = time.perf_counter() - started
-        write_index(ws.index_dir, dense, bm25, {
-            "encoder": embed_meta["encoder"], "fingerprint": embed_meta["fingerprint"], "dim": embed_meta["dim"],
-            "count": len(chunks), "factory": cfg.factory, "ef_search": cfg.ef_search, "nprobe": cfg.nprobe,
-            "corpus_hash": path_hash(ws.corpus), "chunks_hash": embed_meta["chunks_hash"],
-            "chunk_ids_hash": chunk_ids_hash(chunks["chunk_id"].tolist()),
-        })
+        dense, bm25, meta = build_index(
+            vectors, [chunk_embedding_text(t, x) for t, x in zip(chunks["title"], chunks["text"], strict=True)], config.index,
+            encoder=embed_meta["encoder"], fingerprint=embed_meta["fingerprint"], chunk_ids=chunks["chunk_id"].tolist(),
+            extra_meta={"corpus_hash": path_hash(ws.corpus), "chunks_hash": embed_meta["chunks_hash"]},
+        )
+        build_seconds = time.perf_counter() - started
+        write_index(ws.index_dir, dense, bm25, meta)
         ctx.stats.update(
-            vectors=len(chunks), dim=int(vectors.shape[1]),
-            dense_build_seconds=round(dense_seconds, 3), bm25_build_seconds=round(bm25_seconds, 3),
+            vectors=len(chunks), dim=int(vectors.shape[1]), build_seconds=round(build_seconds, 3),
             dense_bytes=(ws.index_dir / "dense.faiss").stat().st_size,
             bm25_bytes=sum(p.stat().st_size for p in (ws.index_dir / "bm25").rglob("*") if p.is_file()),
         )

@@ -91,7 +91,7 @@ def smoke_workspace(tiny_lm_dir, migrated_mlflow_db) -> Path:
     Tests that change it must copy it first (`copy_workspace`).
     """
     from ragops import stages
-    from ragops.config import load_config
+    from ragops.params import load_config
     from ragops.paths import Workspace
 
     root = _SESSION_DIR / "smoke-workspace"

@@ -20,11 +20,12 @@ from ragops.architectures.base import ArchitectureContext
 from ragops.architectures.closed_book import ClosedBook
 from ragops.architectures.incontext_ralm import InContextRALM, InContextRALMOptions, query_window, strided_spans
 from ragops.architectures.shared import RefreshSchedule, RetrievalCache, kl_distill
-from ragops.config import resolve
+from ragops.retrieval.types import Passage
+from ragops.params import resolve
 from ragops.cost import CostMeter
 from ragops.errors import RagopsError
 from ragops.evaluation import run_architecture
-from ragops.evaluation.data import document_text
+from ragops.architectures.prompts import document_text
 from ragops.evaluation.harness import PREDICTION_COLUMNS, metric_keys
 from ragops.lm import CausalLM
 from ragops.paths import Workspace
@@ -231,10 +232,10 @@ def test_retrieval_cache_is_reused_and_refuses_other_settings(ws, tiny_lm, bm25,
 
 def test_cache_entry_with_another_query_is_a_miss(tmp_path):
     cache = RetrievalCache(tmp_path / "c.json", {"stride": 4, "query_length": 8})
-    cache.put("d|4|8", "query one", [("c1", "d1", 1.5, "text one")])
+    cache.put("d|4|8", "query one", [Passage("c1", "d1", 1.5, "text one")])
     cache.save()
     reopened = RetrievalCache(tmp_path / "c.json", {"stride": 4, "query_length": 8})
-    assert reopened.get("d|4|8", "query one") == [("c1", "d1", 1.5, "text one")]
+    assert reopened.get("d|4|8", "query one") == [Passage("c1", "d1", 1.5, "text one")]
     assert reopened.get("d|4|8", "query two") is None
     with pytest.raises(RagopsError, match="query_length"):
         RetrievalCache(tmp_path / "c.json", {"stride": 4, "query_length": 32})

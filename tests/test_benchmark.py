@@ -111,5 +111,5 @@ def test_summary_and_leakage(split, corpus):
     assert summary["heldout"] == 40 and summary["indexed"] == 360
     assert sum(summary["questions"]["describe"].values()) == (questions["task"] == "describe").sum()
     leaked = list(heldout["doc_id"][:5])
-    with pytest.raises(RagopsError, match=r"^5 held-out documents leaked into the index"):
+    with pytest.raises(RagopsError, match=r"^leakage: 5 held-out documents in the index"):
         assert_no_leakage(heldout["doc_id"], ["wiki:other", *leaked])

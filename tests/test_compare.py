@@ -17,7 +17,7 @@ from ragops.compare import (
     plot_pareto,
     run_compare,
 )
-from ragops.config import resolve
+from ragops.params import resolve
 from ragops.paths import Workspace
 
 EXPERIMENT = "compare-test"

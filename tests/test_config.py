@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ragops.config import load_config, resolve
+from ragops.params import load_config, resolve
 from ragops.errors import ConfigError
 
 PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"

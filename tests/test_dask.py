@@ -50,7 +50,7 @@ def test_dask_sharded_embedding_equals_single_process(tmp_path, prefect_api, mlf
 
     from flows.pipeline import embed_shards
     from ragops import stages
-    from ragops.config import load_config
+    from ragops.params import load_config
     from ragops.ops.orchestration import make_task_runner
     from ragops.ops.sharding import embed_plan
 

@@ -72,7 +72,7 @@ def test_repro_from_ingested_corpus_then_noop_then_experiment(dvc_repo):
 def test_outputs_of_ragops_stages_are_recorded_so_dvc_repro_has_nothing_to_do(dvc_repo):
     """`ragops run` ends with `dvc commit`: the CLI and DVC agree on what is up to date."""
     from ragops import stages
-    from ragops.config import load_config
+    from ragops.params import load_config
     from ragops.paths import Workspace
 
     repo = dvc_repo

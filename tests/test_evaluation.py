@@ -8,10 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ragops.config import resolve
+from ragops.params import resolve
 from ragops.cost import CostMeter
 from ragops.errors import DataError, RagopsError
-from ragops.evaluation.data import check_no_leakage, heldout_split, load_heldout, load_questions
+from ragops.data.benchmark import assert_no_leakage
+from ragops.evaluation.data import heldout_split, load_heldout, load_questions
 from ragops.evaluation.harness import metric_keys
 from ragops.evaluation.metrics import (
     bootstrap_ci,
@@ -23,7 +24,7 @@ from ragops.evaluation.metrics import (
     token_f1,
     with_ci,
 )
-from ragops.evaluation.prompts import answer_continuation, qa_prompt
+from ragops.architectures.prompts import answer_continuation, qa_prompt
 from ragops.paths import Workspace
 
 
@@ -104,9 +105,9 @@ def test_prompt_is_shared_and_the_best_passage_is_next_to_the_question():
 
 
 def test_leakage_assertion_fires():
-    check_no_leakage(["wiki:a", "wiki:b"], ["wiki:c", "wiki:d"])
+    assert_no_leakage(["wiki:a", "wiki:b"], ["wiki:c", "wiki:d"])
     with pytest.raises(RagopsError, match="leakage: 1 held-out"):
-        check_no_leakage(["wiki:a", "wiki:b"], ["wiki:b", "wiki:c"])
+        assert_no_leakage(["wiki:a", "wiki:b"], ["wiki:b", "wiki:c"])
 
 
 def _workspace(root, leak: bool) -> Workspace:

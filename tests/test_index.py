@@ -98,7 +98,7 @@ def test_write_and_load_roundtrip(tmp_path, vectors, texts, chunks, encoder):
     assert {p.name for p in (tmp_path / "index").iterdir()} == {"dense.faiss", "bm25", "meta.json"}
     dense2, bm252, meta2 = load_index(tmp_path / "index", encoder)
     assert meta2 == written
-    for key in ("encoder", "fingerprint", "dim", "count", "factory", "ef_search", "nprobe", "corpus_hash", "chunks_hash", "build_seconds"):
+    for key in ("encoder", "fingerprint", "dim", "count", "factory", "ef_search", "nprobe", "corpus_hash", "chunks_hash"):
         assert key in meta2, key
     assert (meta2["dim"], meta2["count"], meta2["factory"]) == (384, len(chunks), "HNSW32")
     assert faiss.downcast_index(dense2).hnsw.efSearch == 48

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from ragops import stages
-from ragops.config import load_config
+from ragops.params import load_config
 from ragops.errors import ValidationFailed
 from ragops.io import path_hash, read_json
 from ragops.paths import Workspace

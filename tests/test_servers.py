@@ -27,7 +27,7 @@ TINY_FLOW = textwrap.dedent(
     from prefect import flow
 
     from flows.deploy import serve_deployments
-    from ragops.config import resolve
+    from ragops.params import resolve
 
 
     @flow(name="tiny")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from ragops.cost import CostMeter
-from ragops.evaluation.prompts import answer_continuation, qa_prompt
+from ragops.architectures.prompts import answer_continuation, qa_prompt
 from ragops.lm import CausalLM, prepare_lm
 from ragops.resources import default_corpus_file
 
@@ -73,7 +73,7 @@ def test_gold_passage_lowers_the_gold_answer_nll(smollm2):
 def test_incontext_ralm_beats_closed_book_end_to_end(smollm2, tmp_path):
     from test_architectures import bm25_over, build_workspace
 
-    from ragops.config import resolve
+    from ragops.params import resolve
     from ragops.evaluation import run_architecture
 
     ws = build_workspace(tmp_path)

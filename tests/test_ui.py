@@ -13,7 +13,7 @@ import urllib.parse
 
 import pytest
 
-from ragops.config import resolve
+from ragops.params import resolve
 from ragops.paths import Workspace
 
 pytestmark = pytest.mark.slow

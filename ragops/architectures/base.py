@@ -7,7 +7,7 @@ model (a subclass of `ArchitectureOptions`, validated from params.yaml), and fou
   versioned artifacts into `self.artifact_dir`; `needs_training()` says whether that is still to do.
 - `answer(questions, meter) -> DataFrame`: predictions for QA questions. The default retrieves
   with `passages_for_questions` (none: closed book), builds the shared prompt
-  (`ragops.evaluation.prompts`), scores the gold answer and generates greedily from that one
+  (`ragops.architectures.prompts`), scores the gold answer and generates greedily from that one
   prompt forward. A method that answers differently (an ensemble, reflection tokens) overrides it.
 - `score_documents(docs, meter) -> DataFrame`: per-document NLL for the `lm` task. The default is
   the plain LM over sliding windows.
@@ -23,12 +23,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
 from ragops.config import DEFAULT_MODEL, ArchitectureOptions
 from ragops.errors import RagopsError
+from ragops.retrieval.types import Passage, Retriever
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,39 +44,6 @@ FineTune = Literal["none", "retriever", "lm", "joint"]
 
 QA_BATCH = 32  # questions per LM call (and per progress-bar step)
 LM_DOC_BATCH = 8  # held-out documents per LM call in the plain-LM path
-
-
-class SearchResultLike(Protocol):
-    chunk_ids: list[list[str]]
-    doc_ids: list[list[str]]
-    scores: np.ndarray
-    texts: list[list[str]]
-
-
-class Retriever(Protocol):
-    name: str
-
-    def search(self, queries: list[str], k: int, exclude_doc_ids: list[set[str]] | None = None) -> SearchResultLike: ...
-
-
-@dataclass(frozen=True)
-class Passage:
-    chunk_id: str
-    doc_id: str
-    score: float
-    text: str  # f"{title}\n{text}" of the chunk
-
-
-def passages_from(result: SearchResultLike) -> list[list[Passage]]:
-    out = []
-    for row in range(len(result.chunk_ids)):
-        out.append(
-            [
-                Passage(str(c), str(d), float(s), str(t))
-                for c, d, s, t in zip(result.chunk_ids[row], result.doc_ids[row], np.asarray(result.scores[row]).tolist(), result.texts[row], strict=False)
-            ]
-        )
-    return out
 
 
 def lm_path(ws: Workspace, config: Config) -> Path | str:
@@ -101,7 +69,6 @@ class ArchitectureContext:
     progress: bool = True
     lm_override: CausalLM | None = None
     retrievers: dict[str, Retriever] = field(default_factory=dict)
-    encoder: Any = None  # a loaded query encoder to share between dense retrievers
 
     @property
     def lm(self) -> CausalLM:
@@ -115,7 +82,7 @@ class ArchitectureContext:
         if kind not in self.retrievers:
             from ragops.retrieval.retriever import load_retriever
 
-            self.retrievers[kind] = load_retriever(self.ws, self.config, kind, encoder=self.encoder)
+            self.retrievers[kind] = load_retriever(self.ws, self.config, kind)
         return self.retrievers[kind]
 
 
@@ -221,7 +188,7 @@ class Architecture:
             return []
         result = retriever.search(list(queries), k, exclude_doc_ids=exclude_doc_ids)
         meter.add(retrieval_calls=len(queries))
-        return passages_from(result)
+        return result.passages()
 
     def passages_for_questions(self, questions: pd.DataFrame, meter: CostMeter) -> list[list[Passage]]:  # noqa: ARG002
         """Passages to show the LM for each question, best first. None by default (closed book)."""
@@ -234,7 +201,7 @@ class Architecture:
         A passage that does not fit whole is cut to the room left if at least 32 tokens remain;
         the rest are dropped (recorded as not shown).
         """
-        from ragops.evaluation.prompts import format_passage, qa_prompt
+        from ragops.architectures.prompts import format_passage, qa_prompt
 
         lm = self.lm
         room = lm.max_length - reserve - lm.count_tokens(qa_prompt(question, (), lm.chat_formatter)) - 2
@@ -261,7 +228,7 @@ class Architecture:
         """
         import pandas as pd
 
-        from ragops.evaluation.prompts import STOP, answer_continuation, clean_prediction, passages_block, qa_prompt
+        from ragops.architectures.prompts import STOP, answer_continuation, clean_prediction, passages_block, qa_prompt
 
         lm = self.lm
         chat = lm.chat_formatter
@@ -280,10 +247,8 @@ class Architecture:
                 prompts.append(prompt)
                 conts.append(cont)
                 extra.append((passages, shown, len(prompt) - n_retrieved, n_retrieved))
-            before = lm.counters.snapshot()
-            scores, texts_out = lm.score_and_generate_ids(prompts, conts, max_new_tokens=max_new, stop=STOP)
-            spent = lm.counters.since(before)
-            meter.add(tokens_scored=spent["tokens_scored"], tokens_generated=spent["tokens_generated"], flops=spent["flops"])
+            with lm.charged_to(meter):
+                scores, texts_out = lm.score_and_generate_ids(prompts, conts, max_new_tokens=max_new, stop=STOP)
             for (_, q), lp, text, (passages, shown, n_prompt, n_retrieved) in zip(batch.iterrows(), scores, texts_out, extra, strict=True):
                 meter.add(tokens_prompt=n_prompt, tokens_retrieved=n_retrieved, questions=1, examples=1)
                 rows.append(
@@ -315,7 +280,7 @@ class Architecture:
         """
         import pandas as pd
 
-        from ragops.evaluation.data import document_text
+        from ragops.architectures.prompts import document_text
         from ragops.lm.model import sliding_windows
 
         lm = self.lm
@@ -330,10 +295,8 @@ class Architecture:
                     contexts.append(context)
                     targets.append(target)
                     owners.append(owner)
-            before = lm.counters.snapshot()
-            scored = lm.score_ids(contexts, targets)
-            spent = lm.counters.since(before)
-            meter.add(tokens_scored=spent["tokens_scored"], flops=spent["flops"])
+            with lm.charged_to(meter):
+                scored = lm.score_ids(contexts, targets)
             sums = np.zeros(len(batch))
             counts = np.zeros(len(batch), dtype=int)
             prompt_tokens = np.zeros(len(batch), dtype=int)

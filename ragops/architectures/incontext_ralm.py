@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 from pydantic import Field
 
-from ragops.architectures.base import Architecture, Passage, Retriever, _progress
+from ragops.architectures.base import Architecture, _progress
 from ragops.config import ArchitectureOptions
 from ragops.errors import ConfigError
+from ragops.retrieval.types import Passage, Retriever
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -88,7 +88,7 @@ class InContextRALM(Architecture):
     def score_documents(self, docs: pd.DataFrame, meter: CostMeter) -> pd.DataFrame:
         import pandas as pd
 
-        from ragops.evaluation.data import document_text
+        from ragops.architectures.prompts import document_text
 
         opt, lm = self.options, self.lm
         if opt.stride + opt.retrieved_max_length >= lm.max_length:
@@ -158,19 +158,19 @@ class InContextRALM(Architecture):
         """Token ids of a passage as prepended: `format_passage` text, cut to `retrieved_max_length`."""
         ids = self._passage_ids.get(chunk_id)
         if ids is None:
-            from ragops.evaluation.prompts import format_passage
+            from ragops.architectures.prompts import format_passage
 
             sep = self.lm.encode(format_passage("x"))[len(self.lm.encode("x")) :]
             body = self.lm.encode(text.strip())[: self.options.retrieved_max_length - len(sep)]
             ids = self._passage_ids[chunk_id] = body + sep
         return ids
 
-    def _retrieve_spans(self, doc_id, ids, spans, retriever, cache, meter) -> list[list[tuple[str, str, float, str]] | None]:
+    def _retrieve_spans(self, doc_id, ids, spans, retriever, cache, meter) -> list[list[Passage] | None]:
         from ragops.architectures.shared import offsets_key
 
         lm, opt = self.lm, self.options
         n = self._n_candidates()
-        hits: list[list[tuple[str, str, float, str]] | None] = [None] * len(spans)
+        hits: list[list[Passage] | None] = [None] * len(spans)
         missing = []
         for i, (begin, end) in enumerate(spans):
             if begin == 0:
@@ -186,17 +186,13 @@ class InContextRALM(Architecture):
         meter.add(retrieval_calls=sum(1 for b, _ in spans if b > 0))
         if missing:
             result = retriever.search([q for _, _, q in missing], n, exclude_doc_ids=[{doc_id} for _ in missing])
-            for row, (i, key, query) in enumerate(missing):
-                found = [
-                    (str(c), str(d), float(s), str(t))
-                    for c, d, s, t in zip(result.chunk_ids[row], result.doc_ids[row], np.asarray(result.scores[row]).tolist(), result.texts[row], strict=False)
-                ]
+            for found, (i, key, query) in zip(result.passages(), missing, strict=True):
                 hits[i] = found
                 if cache is not None:
                     cache.put(key, query, found)
         return hits
 
-    def _choose(self, ids, spans, hits, meter, stats) -> list[tuple[str, str, float, str] | None]:
+    def _choose(self, ids, spans, hits, meter, stats) -> list[Passage | None]:
         """The passage prepended before each span (None: no retrieval for that span)."""
         opt, lm = self.options, self.lm
         if opt.ranking == "first":
@@ -207,15 +203,13 @@ class InContextRALM(Architecture):
                 continue
             split = max(0, begin - opt.rerank_tokens)
             for c, cand in enumerate(candidates[: opt.rerank_candidates]):
-                passage = self._ids_of(cand[0], cand[3])
+                passage = self._ids_of(cand.chunk_id, cand.text)
                 start = max(0, begin - (lm.max_length - len(passage)))
                 contexts.append(passage + ids[min(start, split) : split])
                 targets.append(ids[split:begin])
                 owners.append((i, c))
-        before = lm.counters.snapshot()
-        scored = lm.score_ids(contexts, targets)
-        spent = lm.counters.since(before)
-        meter.add(tokens_scored=spent["tokens_scored"], flops=spent["flops"])
+        with lm.charged_to(meter):
+            scored = lm.score_ids(contexts, targets)
         meter.add(tokens_retrieved=sum(len(c) - len(t) for c, t in zip(contexts, targets, strict=True)))
         stats["rerank_pairs"] += len(contexts)
         best: dict[int, tuple[float, int]] = {}
@@ -232,9 +226,9 @@ class InContextRALM(Architecture):
         chosen = self._choose(ids, spans, hits, meter, stats)
         jobs: list[_Job] = []
         for i, ((begin, end), passage) in enumerate(zip(spans, chosen, strict=True)):
-            passage_ids = self._ids_of(passage[0], passage[3]) if passage else []
+            passage_ids = self._ids_of(passage.chunk_id, passage.text) if passage else []
             start = max(0, end - (lm.max_length - len(passage_ids)))
-            chunk_id = passage[0] if passage else None
+            chunk_id = passage.chunk_id if passage else None
             last = jobs[-1] if jobs else None
             if opt.merge_windows and last and last.chunk_id == chunk_id and last.start == 0 and start == 0 and last.end == begin:
                 last.end = end
@@ -243,12 +237,11 @@ class InContextRALM(Architecture):
                 jobs.append(_Job(chunk_id, passage_ids, start, begin, end, [i]))
         contexts = [job.passage_ids + ids[job.start : job.begin] for job in jobs]
         targets = [ids[job.begin : job.end] for job in jobs]
-        before = lm.counters.snapshot()
-        scored = lm.score_ids(contexts, targets)
-        spent = lm.counters.since(before)
+        with lm.charged_to(meter):
+            scored = lm.score_ids(contexts, targets)
         tokens_retrieved = sum(len(job.passage_ids) for job in jobs)
         tokens_prompt = sum(max(job.begin - job.start, 0 if job.passage_ids else 1) for job in jobs)
-        meter.add(tokens_scored=spent["tokens_scored"], flops=spent["flops"], tokens_retrieved=tokens_retrieved, tokens_prompt=tokens_prompt, examples=1)
+        meter.add(tokens_retrieved=tokens_retrieved, tokens_prompt=tokens_prompt, examples=1)
         stats["windows"] += len(jobs)
         stats["spans"] += len(spans)
         nll = -float(sum(lp.sum() for lp in scored))
@@ -258,25 +251,11 @@ class InContextRALM(Architecture):
             "nll_sum": nll,
             "n_tokens": len(ids),
             "n_words": n_words,
-            "retrieved_doc_ids": [p[1] if p else "" for p in used],
-            "retrieved_scores": [p[2] if p else float("nan") for p in used],
+            "retrieved_doc_ids": [p.doc_id if p else "" for p in used],
+            "retrieved_scores": [p.score if p else float("nan") for p in used],
             "tokens_prompt": tokens_prompt,
             "tokens_retrieved": tokens_retrieved,
             "tokens_scored": len(ids),
             "retrieval_calls": len(used),
             "lm_windows": len(jobs),
         }
-
-
-def run_sweep(ws, config, progress: bool = True):
-    """Stride x query-length sweep of In-Context RALM perplexity (see `ragops.evaluation.sweep`)."""
-    from ragops.evaluation.sweep import run_sweep as _run
-
-    return _run(ws, config, progress=progress)
-
-
-def plot_sweep(df, png_path):
-    """Perplexity vs stride, one line per query length, cost on a second axis."""
-    from ragops.evaluation.sweep import plot_sweep as _plot
-
-    return _plot(df, png_path)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from ragops.errors import ConfigError, RagopsError
 from ragops.io import read_json, write_json
+from ragops.retrieval.types import Passage
 
 # ------------------------------------------------------------------------------------------------
 # Retrieval cache
@@ -63,19 +64,19 @@ class RetrievalCache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def get(self, key: str, query: str) -> list[tuple[str, str, float, str]] | None:
-        """[(chunk_id, doc_id, score, text)] for `key` if cached for this exact `query`, else None."""
+    def get(self, key: str, query: str) -> list[Passage] | None:
+        """The passages cached for `key` if cached for this exact `query`, else None."""
         entry = self.entries.get(key)
         if entry is None or entry.get("query") != query:
             self.misses += 1
             return None
         self.hits += 1
-        return [(c, d, float(s), self.passages[c]) for c, d, s in entry["hits"]]
+        return [Passage(c, d, float(s), self.passages[c]) for c, d, s in entry["hits"]]
 
-    def put(self, key: str, query: str, hits: Sequence[tuple[str, str, float, str]]) -> None:
-        for chunk_id, _, _, text in hits:
-            self.passages[chunk_id] = text
-        self.entries[key] = {"query": query, "hits": [[c, d, float(s)] for c, d, s, _ in hits]}
+    def put(self, key: str, query: str, hits: Sequence[Passage]) -> None:
+        for hit in hits:
+            self.passages[hit.chunk_id] = hit.text
+        self.entries[key] = {"query": query, "hits": [[h.chunk_id, h.doc_id, float(h.score)] for h in hits]}
         self._dirty = True
 
     def save(self) -> None:

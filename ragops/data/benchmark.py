@@ -99,12 +99,12 @@ def indexed_corpus(corpus: pd.DataFrame, heldout: pd.DataFrame) -> pd.DataFrame:
     return corpus[~corpus["doc_id"].isin(set(heldout["doc_id"]))].reset_index(drop=True)
 
 
-def assert_no_leakage(heldout_ids: Iterable[str], indexed_doc_ids: Iterable[str]) -> None:
-    """Raise RagopsError if any held-out article reached the index (or any training data)."""
-    leaked = sorted(set(heldout_ids) & set(indexed_doc_ids))
+def assert_no_leakage(heldout_ids: Iterable[str], used_doc_ids: Iterable[str], where: str = "the index or training data") -> None:
+    """Raise RagopsError if any held-out article is among `used_doc_ids` (what was indexed or trained on)."""
+    leaked = sorted(set(heldout_ids) & set(used_doc_ids))
     if leaked:
         examples = ", ".join(leaked[:3]) + (", ..." if len(leaked) > 3 else "")
         raise RagopsError(
-            f"{len(leaked):,} held-out document{'s' if len(leaked) != 1 else ''} leaked into the index "
-            f"or training data ({examples}); rebuild the chunks and index from the current split"
+            f"leakage: {len(leaked):,} held-out document{'s' if len(leaked) != 1 else ''} in {where} "
+            f"({examples}); rebuild the chunks and index from the current split"
         )

@@ -243,13 +243,3 @@ def _resplit_oversized(tokenizer, chunk_doc, chunk_texts, n_tokens, chunk_offset
     return docs, texts, counts
 
 
-def chunk_summary(chunks: pd.DataFrame) -> dict[str, Any]:
-    """Small statistics for logging: chunk count, documents covered, token counts."""
-    n = chunks["n_tokens"]
-    return {
-        "chunks": int(len(chunks)),
-        "documents": int(chunks["doc_id"].nunique()),
-        "tokens": int(n.sum()),
-        "tokens_mean": float(n.mean()) if len(n) else 0.0,
-        "tokens_max": int(n.max()) if len(n) else 0,
-    }

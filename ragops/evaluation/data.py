@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ragops.data.benchmark import assert_no_leakage
 from ragops.errors import DataError, RagopsError
 from ragops.paths import Workspace
 
@@ -56,23 +57,10 @@ def load_heldout(ws: Workspace, split: str, max_docs: int | None) -> pd.DataFram
     return (rows.head(max_docs) if max_docs else rows).reset_index(drop=True)
 
 
-def document_text(title: str, text: str) -> str:
-    """The text scored for a held-out document: the same `{title}\\n{text}` form as indexed chunks."""
-    return f"{(title or '').strip()}\n{(text or '').strip()}" if title else (text or "").strip()
-
-
-def check_no_leakage(heldout_doc_ids: Iterable[str], indexed_doc_ids: Iterable[str], where: str = "the index") -> None:
-    """Raise RagopsError when any held-out document is also indexed (it would be retrieved verbatim)."""
-    leaked = sorted(set(heldout_doc_ids) & set(indexed_doc_ids))
-    if leaked:
-        shown = ", ".join(leaked[:3]) + (" ..." if len(leaked) > 3 else "")
-        raise RagopsError(f"leakage: {len(leaked)} held-out document(s) are in {where} ({shown}); rebuild the chunks and index")
-
-
 def check_workspace_leakage(ws: Workspace) -> None:
-    """`check_no_leakage` of every held-out document against the chunk table the index was built from
+    """`assert_no_leakage` of every held-out document against the chunk table the index was built from
     (skipped when there is no chunk table: then nothing can be retrieved from it either)."""
     if ws.chunks.exists():
         heldout = pd.read_parquet(ws.heldout, columns=["doc_id"])["doc_id"]
         indexed = pd.read_parquet(ws.chunks, columns=["doc_id"])["doc_id"]
-        check_no_leakage(heldout, indexed, where=str(ws.chunks))
+        assert_no_leakage(heldout, indexed, where=str(ws.chunks))

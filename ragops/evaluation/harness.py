@@ -123,5 +123,3 @@ def metric_keys(tasks: list[str]) -> list[str]:
     return keys
 
 
-def summarize_counts(table: pd.DataFrame) -> dict[str, Any]:
-    return {task: int(n) for task, n in table.groupby("task").size().items()} if len(table) else {}

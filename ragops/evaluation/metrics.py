@@ -46,13 +46,6 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def mean_nll(logprobs: np.ndarray) -> float:
-    """Mean per-token negative log-likelihood (nats) of one continuation."""
-    return float(-np.mean(logprobs)) if len(logprobs) else float("nan")
-
-
-def word_count(text: str) -> int:
-    return len(text.split())
 
 
 def perplexities(nll_sum: float, n_tokens: int, n_words: int) -> tuple[float, float]:

@@ -12,7 +12,7 @@ from ragops.architectures import registry
 from ragops.architectures.base import Architecture, ArchitectureContext
 from ragops.evaluation.data import check_workspace_leakage, load_heldout, load_questions
 from ragops.evaluation.harness import evaluate_lm, evaluate_qa, predictions_frame
-from ragops.evaluation.prompts import qa_prompt
+from ragops.architectures.prompts import qa_prompt
 
 if TYPE_CHECKING:
     from ragops.config import Config

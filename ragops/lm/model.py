@@ -19,6 +19,7 @@ torch and transformers are imported lazily: importing this module is cheap.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Sequence
@@ -106,6 +107,19 @@ class CausalLM:
         eos_ids = {tokenizer.eos_token_id} | (set(eos) if isinstance(eos, (list, tuple)) else {eos})
         self.eos_ids = {int(i) for i in eos_ids if i is not None}
         self._torch = torch
+
+    # --- cost accounting ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def charged_to(self, meter: Any):
+        """Charge the LM work done inside the block (tokens scored and generated, FLOPs) to `meter`
+        (a `ragops.cost.CostMeter`; None charges nothing). The one place LM work reaches a meter."""
+        before = self.counters.snapshot()
+        try:
+            yield
+        finally:
+            if meter is not None:
+                spent = self.counters.since(before)
+                meter.add(tokens_scored=spent["tokens_scored"], tokens_generated=spent["tokens_generated"], flops=spent["flops"])
 
     # --- construction -------------------------------------------------------------------------------
     @classmethod

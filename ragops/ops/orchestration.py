@@ -43,7 +43,7 @@ def load(workspace: str | Path = ".", params: str | Path | None = None, profile:
     `tracking_uri`: the MLflow store of the flow that submitted the task. A Dask worker (possibly
     started long before, on another host) does not share the flow's environment, so tasks carry it.
     """
-    from ragops.config import load_config
+    from ragops.params import load_config
     from ragops.env import configure_environment
 
     ws = Workspace(workspace)

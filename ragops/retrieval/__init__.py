@@ -25,8 +25,9 @@ _EXPORTS = {
     "load_index": "index",
     "write_index": "index",
     # retriever
-    "SearchResult": "retriever",
-    "Retriever": "retriever",
+    "SearchResult": "types",
+    "Retriever": "types",
+    "Passage": "types",
     "ChunkTable": "retriever",
     "DenseRetriever": "retriever",
     "BM25Retriever": "retriever",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -277,11 +276,10 @@ def build_index(
 ) -> tuple[faiss.Index, BM25Index, dict[str, Any]]:
     """Both indexes and their meta from an `IndexConfig` (factory, ef_search, nprobe, bm25.k1/b).
 
-    `extra_meta` is merged in (the index stage passes corpus_hash and chunks_hash).
+    `extra_meta` is merged in (the index stage passes corpus_hash and chunks_hash). The meta holds
+    no timings: it is written into a DVC-hashed output, which must be identical for identical inputs.
     """
-    started = time.perf_counter()
     dense = build_dense_index(vectors, config.factory, config.ef_search, config.nprobe)
-    dense_seconds = time.perf_counter() - started
     bm25 = build_bm25(texts, config.bm25.k1, config.bm25.b)
     meta = {
         "encoder": encoder,
@@ -290,8 +288,6 @@ def build_index(
         "ef_search": config.ef_search,
         "nprobe": config.nprobe,
         "bm25": {"k1": config.bm25.k1, "b": config.bm25.b, "stemmer": bm25.stemmer_name, "stopwords": bm25.stopwords},
-        "dense_build_seconds": round(dense_seconds, 3),
-        "build_seconds": round(time.perf_counter() - started, 3),
         **({"chunk_ids_hash": chunk_ids_hash(chunk_ids)} if chunk_ids is not None else {}),
         **(extra_meta or {}),
     }

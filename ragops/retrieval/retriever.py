@@ -13,52 +13,20 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
 from ragops.errors import RagopsError
+from ragops.retrieval.types import Passage, Retriever, SearchResult
 from ragops.retrieval.embed import Encoder, EmbeddingCache, chunk_embedding_text, embed_texts
 from ragops.retrieval.index import BM25Index, build_dense_index, check_encoder, chunk_ids_hash, load_index
 
 log = logging.getLogger(__name__)
 
 CHUNK_COLUMNS = ("chunk_id", "doc_id", "title", "text")
-
-
-@dataclass
-class SearchResult:
-    """Batched results, one row per query, best first.
-
-    The list fields hold only real hits (a row can be shorter than k when the corpus, or BM25's
-    term overlap, runs out); `scores` is always [n_queries, k], padded with -inf, and `rows`
-    [n_queries, k] row numbers into the chunk table, padded with -1.
-    """
-
-    chunk_ids: list[list[str]]
-    doc_ids: list[list[str]]
-    scores: np.ndarray
-    texts: list[list[str]]
-    rows: np.ndarray | None = field(default=None, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.chunk_ids)
-
-    @property
-    def k(self) -> int:
-        return int(self.scores.shape[1])
-
-
-@runtime_checkable
-class Retriever(Protocol):
-    name: str
-    calls: int  # search() invocations
-    queries: int  # queries searched
-
-    def search(self, queries: list[str], k: int, exclude_doc_ids: list[set[str]] | None = None) -> SearchResult: ...
 
 
 class ChunkTable:
@@ -136,8 +104,6 @@ class _Metered:
             self.queries += n_queries
             self.seconds += seconds
 
-    def reset_counters(self) -> None:
-        self.calls, self.queries, self.seconds = 0, 0, 0.0
 
     def counters(self) -> dict[str, float]:
         return {"calls": self.calls, "queries": self.queries, "seconds": round(self.seconds, 4)}
@@ -174,23 +140,6 @@ class DenseRetriever(_Metered):
         """A retriever over a freshly built index (e.g. after fine-tuning the encoder)."""
         return cls(encoder, build_dense_index(vectors, factory, ef_search, nprobe), chunks_df, name=name)
 
-    @classmethod
-    def build(
-        cls,
-        encoder: Encoder,
-        chunks_df: pd.DataFrame | ChunkTable,
-        *,
-        cache: EmbeddingCache | None = None,
-        factory: str = "Flat",
-        ef_search: int | None = 64,
-        nprobe: int | None = 16,
-        name: str = "dense",
-        progress: bool = True,
-    ) -> DenseRetriever:
-        """Embed every chunk with `encoder` (through `cache` when given) and index the vectors."""
-        table = ChunkTable.of(chunks_df)
-        vectors, _ = embed_texts(table.texts, encoder, cache, progress=progress)
-        return cls.from_vectors(encoder, vectors, table, factory, ef_search, nprobe, name=name)
 
     def search(self, queries: list[str], k: int, exclude_doc_ids: list[set[str]] | None = None) -> SearchResult:
         started = time.perf_counter()

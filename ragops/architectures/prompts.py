@@ -1,4 +1,5 @@
-"""The one prompt format every architecture uses, so quality differences come from the method.
+"""What every architecture shows its LM: the one prompt format and the one document text, so quality
+differences come from the method.
 
 QA, for an LM whose tokenizer has a chat template (SmolLM2-Instruct): one user turn holding the
 retrieved passages (each followed by a blank line), the instruction and the question, then the
@@ -51,3 +52,9 @@ def answer_continuation(answer: str, chat: bool = False) -> str:
 
 def clean_prediction(text: str) -> str:
     return text.strip()
+
+
+def document_text(title: str, text: str) -> str:
+    """The text of a document as indexed and as scored in the `lm` task: `{title}\\n{text}`, the same
+    form as indexed chunks (`ragops.retrieval.embed.chunk_embedding_text`)."""
+    return f"{(title or '').strip()}\n{(text or '').strip()}" if title else (text or "").strip()

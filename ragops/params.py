@@ -1,0 +1,92 @@
+"""Loading params.yaml: the one configuration source of the CLI, DVC stages and Prefect flows.
+
+params.yaml holds the base configuration, a `profile` key naming the active profile, and a
+`profiles` section whose entries are deep-merged over the base (`smoke` for tests, `default`
+sized for a 2-core CPU machine, `full` for the whole benchmark). The sections are validated by
+the schema in `ragops.config`; each architecture's options by that architecture's own `Options`
+model (through the registry), so an unknown or mistyped key fails with one line naming it.
+
+This module sits above both the schema and the architectures: the schema never imports the
+architectures, and the architectures never import this loader.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from ragops.architectures import registry
+from ragops.config import ArchitectureOptions, Config
+from ragops.errors import ConfigError
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _format_error(source: str, error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    key = key.replace("validate_", "validate")
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{source}: invalid value for '{key}': {message}"
+
+
+def resolve(raw: dict[str, Any], profile: str | None = None, source: str = "params.yaml") -> Config:
+    """Apply the active profile's overrides to the base and validate the result."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    raw = dict(raw)
+    profiles = raw.pop("profiles", {}) or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{source}: 'profiles' must be a mapping of profile name to overrides")
+    active = profile or raw.get("profile", "default")
+    if active not in profiles and active != "default":
+        known = ", ".join(["default", *sorted(p for p in profiles if p != "default")])
+        raise ConfigError(f"{source}: unknown profile '{active}' (known: {known})")
+    merged = _deep_merge(raw, profiles.get(active) or {})
+    merged["profile"] = active
+    where = source if active == "default" else f"{source} (profile '{active}')"
+    try:
+        config = Config.model_validate(merged)
+    except ValidationError as error:
+        raise ConfigError(_format_error(where, error)) from None
+    return config.model_copy(update={"architectures": _validate_architectures(config.architectures, where)})
+
+
+def _validate_architectures(raw: dict[str, Any], where: str) -> dict[str, ArchitectureOptions]:
+    validated = {}
+    for name, options in raw.items():
+        if name not in registry.names():
+            raise ConfigError(f"{where}: unknown architecture 'architectures.{name}' (known: {', '.join(registry.names())})")
+        try:
+            validated[name] = registry.options_model(name).model_validate(options or {})
+        except ValidationError as error:
+            message = _format_error(where, error)
+            raise ConfigError(message.replace("'", f"'architectures.{name}.", 1)) from None
+    return validated
+
+
+def load_config(path: str | Path = "params.yaml", profile: str | None = None) -> Config:
+    path = Path(path)
+    if not path.exists():
+        return resolve({}, profile, source=str(path))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    return resolve(raw, profile, source=str(path))
