@@ -28,7 +28,7 @@ app = typer.Typer(
         "Build, train, evaluate and compare retrieval-augmented generation (RAG) architectures, "
         "and see what each one costs.\n\n"
         "Pipeline: ingest → validate → split → chunk → embed → index → eval-retrieval → prepare-lm → "
-        "evaluate <architecture> → compare. `ragops run` runs them all; each stage skips itself "
+        "train <architecture> → evaluate <architecture> → compare. `ragops run` runs them all; each stage skips itself "
         "when its inputs are unchanged. Configuration: params.yaml (profiles: smoke, default, full)."
     ),
     no_args_is_help=True,
@@ -123,6 +123,21 @@ for _name, _help in [
 
 
 @app.command()
+def train(
+    ctx: typer.Context,
+    architectures: Annotated[Optional[list[str]], typer.Argument(help="Architectures to train (default: all enabled).")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Retrain even if the trained artifacts match the settings.")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Ignore (delete) a resumable checkpoint and start over.")] = False,
+) -> None:
+    """Train architectures that fine-tune something into artifacts/models/<architecture> (resumes a killed training)."""
+    from ragops import stages
+
+    ws, config = ctx.obj.load()
+    for name in architectures or config.enabled_architectures():
+        _report(stages.train_architecture(ws, config, name, force=force, restart=restart))
+
+
+@app.command()
 def evaluate(
     ctx: typer.Context,
     architectures: Annotated[Optional[list[str]], typer.Argument(help="Architectures to train (if needed) and evaluate (default: all enabled).")] = None,
@@ -133,6 +148,7 @@ def evaluate(
 
     ws, config = ctx.obj.load()
     for name in architectures or config.enabled_architectures():
+        _report(stages.train_architecture(ws, config, name))
         _report(stages.evaluate_architecture(ws, config, name, force=force))
     print_architecture_table(ws, architectures or config.enabled_architectures())
 

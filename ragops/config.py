@@ -110,6 +110,33 @@ class ArchitectureOptions(Section):
     enabled: bool = True
 
 
+class OptimizerOptions(Section):
+    """How one trained architecture is optimised (`architectures.<name>.train`): the shared training
+    loop (`ragops.training.loop`) reads these. Steps, not epochs, so a budget is exact and a resumed
+    run does exactly the steps an uninterrupted one does."""
+
+    steps: int = Field(default=100, ge=1)  # optimizer steps
+    batch_size: int = Field(default=8, ge=1)  # examples per micro-batch
+    grad_accum: int = Field(default=1, ge=1)  # micro-batches per optimizer step
+    lr: float = Field(default=2e-5, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup: float = Field(default=0.05, ge=0, lt=1)  # fraction of steps with a linear warm-up
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after the warm-up
+    clip_norm: float | None = Field(default=1.0, gt=0)  # gradient clipping (None: off)
+    eval_every: int = Field(default=0, ge=0)  # dev evaluation every N steps (0: only at the end)
+    patience: int | None = Field(default=None, ge=1)  # early stopping: evaluations without improvement
+    checkpoint_every: int = Field(default=25, ge=1)  # resumable checkpoint every N steps
+
+
+class TrainingConfig(Section):
+    """Machine-level training settings, shared by every trained architecture (`train:`)."""
+
+    device: str = "auto"  # auto = CUDA when present
+    threads: int | None = Field(default=None, ge=1)
+    max_minutes: float | None = Field(default=None, gt=0)  # wall-clock guard: stop, checkpoint, mark truncated
+    keep_checkpoints: bool = False  # keep the resumable checkpoint after a successful training
+
+
 class SweepConfig(Section):
     architecture: str = "incontext_ralm"
     strides: list[int] = [4, 8, 16, 32]
@@ -164,6 +191,7 @@ class Config(Section):
     retrieval_eval: RetrievalEvalConfig = RetrievalEvalConfig()
     lm: LMConfig = LMConfig()
     eval: EvalConfig = EvalConfig()
+    train: TrainingConfig = TrainingConfig()
     # name -> that architecture's options (validated by the architecture's own Options model).
     architectures: dict[str, Any] = {"closed_book": {}, "incontext_ralm": {}}
     sweep: SweepConfig = SweepConfig()

@@ -32,6 +32,12 @@ COUNTERS = (
     "index_refreshes",
     "examples",
     "questions",
+    # training (0 at inference and for methods that train nothing)
+    "tokens_trained",  # LM tokens through a forward+backward pass
+    "optimizer_steps",
+    "encoder_passes",  # texts through the retrieval encoder (training, refreshes, re-indexing)
+    "encoder_flops",  # the encoder's share of `flops`
+    "index_refresh_s",  # wall seconds spent re-embedding and re-indexing (also when in the background)
 )
 
 
@@ -86,8 +92,10 @@ class CostMeter:
     _start_cpu: float = 0.0
     _rss: _PeakRSS | None = None
     _cuda: bool = False
+    _exited: bool = False
 
     def __enter__(self) -> CostMeter:
+        self._exited = False
         self._cuda = _cuda_in_use()
         if self._cuda:
             import torch
@@ -100,6 +108,7 @@ class CostMeter:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._exited = True
         if self._cuda:
             import torch
 
@@ -112,6 +121,21 @@ class CostMeter:
         assert self._rss is not None
         self._rss.__exit__()
         self.peak_rss_mb = max(self.peak_rss_mb, self._rss.peak / 2**20)
+
+    def snapshot(self) -> dict[str, object]:
+        """Counters and wall/CPU seconds so far (also inside the block): what a checkpoint stores."""
+        inside = self._rss is not None and not self._exited
+        wall = self.wall_s + (time.perf_counter() - self._start_wall if inside else 0.0)
+        cpu = self.cpu_s + (_cpu_seconds() - self._start_cpu if inside else 0.0)
+        return {"counters": dict(self.counters), "wall_s": wall, "cpu_s": cpu}
+
+    def restore(self, snapshot: dict[str, object]) -> None:
+        """Add an earlier (interrupted) attempt's `snapshot()` to this meter: counters replace the
+        current ones' starting point, seconds are added."""
+        for key, value in dict(snapshot["counters"]).items():  # type: ignore[arg-type]
+            self.counters[key] = self.counters.get(key, 0.0) + float(value)
+        self.wall_s += float(snapshot["wall_s"])  # type: ignore[arg-type]
+        self.cpu_s += float(snapshot["cpu_s"])  # type: ignore[arg-type]
 
     def add(self, **counts: float) -> None:
         for key, value in counts.items():

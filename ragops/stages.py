@@ -468,16 +468,131 @@ def _lm_inputs(ws: Workspace, config: Config) -> dict[str, Path]:
     return {"lm": ws.lm_dir} if config.lm.model == DEFAULT_MODEL else {}
 
 
+TRAIN_COST_FILE = "train_cost.json"
+
+
+def _checkpoint_path(ws: Workspace, name: str, fingerprint: str) -> Path:
+    """Resumable checkpoints live outside the DVC output (which `dvc repro` deletes before a run)."""
+    return ws.cache_dir / "checkpoints" / name / f"{fingerprint[:16]}.ckpt"
+
+
+def _report_other_checkpoints(checkpoint: Path, settings: dict[str, Any]) -> None:
+    """A checkpoint of this architecture made with other settings is not resumed from: say which differ."""
+    from ragops.training.checkpoint import load_checkpoint
+
+    for other in sorted(checkpoint.parent.glob("*.ckpt")) if checkpoint.parent.is_dir() else []:
+        if other == checkpoint:
+            continue
+        try:
+            load_checkpoint(other, settings)
+        except RagopsError as refused:
+            log.warning("%s", refused)
+
+
+def train_architecture(
+    ws: Workspace, config: Config, name: str, *, parent_run_id: str | None = None, force: bool = False,
+    progress: bool = True, restart: bool = False,
+) -> StageOutcome:
+    """Train `name` into artifacts/models/<name> when it fine-tunes something and its artifacts are
+    missing or were made with other settings (options, LM, benchmark, index or code: see
+    `Architecture.training_settings`). A killed training resumes from its checkpoint when re-run.
+    Architectures that train nothing get a manifest saying so, and a training cost of exactly 0."""
+    from ragops.architectures import registry
+    from ragops.evaluation.runner import build_architecture
+    from ragops.lm.model import resolve_device
+    from ragops.training.checkpoint import remove_checkpoint
+    from ragops.training.loop import TrainRun
+    from ragops.training.plots import plot_history
+
+    cls = registry.get(name)
+    config.architecture_options(name)  # one line naming the configured ones when `name` is not
+    arch = build_architecture(name, ws, config, progress=progress)
+    out_dir = ws.architecture_dir(name)
+    if cls.finetune == "none":
+        manifest = {"architecture": name, "trains": False, "fingerprint": arch.training_fingerprint()}
+        if force or arch.trained_manifest() != manifest:
+            with atomic_dir(out_dir) as tmp:
+                write_json(tmp / arch.MANIFEST, manifest)
+        return StageOutcome("train", True, {"architecture": name, "trains": False})
+    if not force and not arch.needs_training() and (out_dir / TRAIN_COST_FILE).exists():
+        log.info("train %s: trained artifacts match the current settings, skipped", name)
+        return StageOutcome("train", True, {"architecture": name, **_train_summary(out_dir)}, _previous_run(ws, out_dir))
+    settings = arch.training_settings()
+    fingerprint = arch.training_fingerprint()
+    checkpoint = _checkpoint_path(ws, name, fingerprint)
+    if restart:
+        remove_checkpoint(checkpoint)
+    _report_other_checkpoints(checkpoint, settings)
+    if checkpoint.exists():
+        log.info("train %s: resuming from %s", name, checkpoint)
+    tags = {"architecture": name, "family": cls.family, "finetune": cls.finetune}
+    history: list[tuple[int, dict[str, float]]] = []
+    with tracked_run(ws, config, f"train {name}", kind="train", parent_run_id=parent_run_id, tags=tags,
+                     params={"architecture": name, "options": settings["options"], "lm": settings["lm"], "seed": config.seed}) as run:
+        def report(step: int, metrics: dict[str, float]) -> None:
+            history.append((step, metrics))
+            run.log_metrics(metrics, step=step)
+
+        with run.meter("train") as meter:
+            info = arch.train(TrainRun(
+                meter=meter, checkpoint=checkpoint, settings=settings, report=report,
+                max_minutes=config.train.max_minutes, progress=progress, device=resolve_device(config.train.device),
+            )) or {}
+        total, trainable = arch.param_counts()
+        meter.set_params(total, trainable)
+        cost = meter.metrics(*run.cost_rates)
+        write_json(out_dir / TRAIN_COST_FILE, cost)
+        png = plot_history(history, ws.plots_dir / f"training-{name}.png", f"{name}: training")
+        if png is not None:
+            run.log_artifact(png, "plots")
+        run.log_dict(info, "train_info.json")
+        manifest = arch.trained_manifest() or {}
+        truncated = bool(manifest.get("truncated"))
+        if truncated:
+            log.warning("train %s: stopped by train.max_minutes=%s; re-run to continue from the checkpoint", name, config.train.max_minutes)
+        elif not config.train.keep_checkpoints:
+            remove_checkpoint(checkpoint)
+        _remember_run(ws, out_dir, run.run_id)
+    return StageOutcome("train", False, {"architecture": name, **_train_summary(out_dir)}, run.run_id)
+
+
+def _train_summary(out_dir: Path) -> dict[str, Any]:
+    manifest = read_json(out_dir / "manifest.json") if (out_dir / "manifest.json").exists() else {}
+    training = (manifest.get("info") or {}).get("training") or {}
+    cost = read_json(out_dir / TRAIN_COST_FILE) if (out_dir / TRAIN_COST_FILE).exists() else {}
+    return {
+        "steps": training.get("steps"), "final_train_loss": training.get("final_train_loss"),
+        "truncated": manifest.get("truncated"), "train_wall_s": cost.get("train/wall_s"),
+    }
+
+
+def train_cost(ws: Workspace, name: str) -> dict[str, float]:
+    """`train/*` cost keys of an architecture's training (exactly 0 for one that trains nothing)."""
+    from ragops.cost import CostMeter
+
+    path = ws.architecture_dir(name) / TRAIN_COST_FILE
+    if path.exists():
+        return {k: float(v) for k, v in read_json(path).items()}
+    return {k: 0.0 for k in CostMeter("train").metrics()}
+
+
 def evaluate_architecture(
     ws: Workspace, config: Config, name: str, *, parent_run_id: str | None = None, force: bool = False, progress: bool = True
 ) -> StageOutcome:
     from ragops.architectures import registry
     from ragops.evaluation import run_architecture
 
+    from ragops.architectures.base import code_fingerprint
+
     cls = registry.get(name)
     options = config.architecture_options(name)
     metrics_file = ws.metrics_file(name)
-    inputs = {"questions": ws.questions, "heldout": ws.heldout, "index": ws.index_dir, "chunks": ws.chunks, **_lm_inputs(ws, config)}
+    inputs = {
+        "questions": ws.questions, "heldout": ws.heldout, "index": ws.index_dir, "chunks": ws.chunks,
+        "model": ws.architecture_dir(name), **_lm_inputs(ws, config),
+    }
+    if not (ws.architecture_dir(name) / "manifest.json").exists():
+        raise RagopsError(f"{ws.architecture_dir(name)}: '{name}' has not been through its train stage (run: ragops train {name})")
     retriever = getattr(options, "retriever", None)
     tags = {
         "architecture": name, "family": cls.family, "finetune": cls.finetune,
@@ -485,19 +600,18 @@ def evaluate_architecture(
     }
 
     def body(ctx: _Context) -> None:
-        train_meter = ctx.run.meter("train")
         infer_meter = ctx.run.meter("inference")
-        result = run_architecture(name, ws, config, train_meter=train_meter, infer_meter=infer_meter, progress=progress)
+        result = run_architecture(name, ws, config, infer_meter=infer_meter, progress=progress)
         with atomic_dir(ws.eval_dir(name)) as tmp:
             result.predictions.to_parquet(tmp / "predictions.parquet", index=False)
             write_json(tmp / "info.json", result.info)
         metrics = {
             **result.metrics,
-            **train_meter.metrics(*ctx.run.cost_rates),
+            **train_cost(ws, name),
             **infer_meter.metrics(*ctx.run.cost_rates),
         }
         write_json(metrics_file, metrics)
-        ctx.run.log_metrics(result.metrics)
+        ctx.run.log_metrics({**result.metrics, **train_cost(ws, name)})
         ctx.run.log_artifact(ws.eval_dir(name) / "predictions.parquet", "predictions")
         ctx.run.log_dict(result.info, "info.json")
         ctx.stats.update(result.metrics)
@@ -505,6 +619,7 @@ def evaluate_architecture(
     params = {
         "architecture": name, "options": options.model_dump(mode="json"),
         "lm": config.section("lm"), "eval": config.section("eval"), "seed": config.seed,
+        "code": code_fingerprint([*cls.code_paths(), "evaluation"]),
     }
     outcome = _run_stage(
         "evaluate", ws, config, out_dir=ws.eval_dir(name), inputs=inputs, params=params,
@@ -588,9 +703,10 @@ def record_in_dvc_lock(ws: Workspace, config: Config) -> bool:
     outputs = {
         "validate": ws.validation_dir, "split": ws.benchmark_dir, "chunk": ws.chunks_dir, "embed": ws.embeddings_dir,
         "index": ws.index_dir, "eval_retrieval": ws.retrieval_eval_dir, "prepare_lm": ws.lm_dir,
+        **{f"train@{name}": ws.architecture_dir(name) for name in config.architectures},
         **{f"evaluate@{name}": ws.eval_dir(name) for name in config.architectures},
     }
-    targets = [stage for stage, out_dir in outputs.items() if (out_dir / MANIFEST).exists()]
+    targets = [stage for stage, out_dir in outputs.items() if (out_dir / MANIFEST).exists() or (out_dir / "manifest.json").exists()]
     if ws.compare_dir.exists():
         targets.append("compare")
     if not targets:
@@ -625,6 +741,7 @@ def run_pipeline(
             kwargs = {"progress": progress} if name in ("embed", "eval_retrieval") else {}
             outcomes[name] = stage(ws, config, parent_run_id=pid, **kwargs)
         for name in architectures if architectures is not None else config.enabled_architectures():
+            outcomes[f"train@{name}"] = train_architecture(ws, config, name, parent_run_id=pid, progress=progress)
             outcomes[f"evaluate@{name}"] = evaluate_architecture(ws, config, name, parent_run_id=pid, progress=progress)
         if with_compare:
             outcomes["compare"] = compare(ws, config, parent_run_id=pid)

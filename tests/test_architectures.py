@@ -139,8 +139,8 @@ def test_both_architectures_report_every_metric_key(ws, tiny_lm, bm25, tmp_path)
     config = make_config()
     results = {}
     for name in ("closed_book", "incontext_ralm"):
-        train, infer = CostMeter("train"), CostMeter("inference")
-        results[name] = (run_architecture(name, ws, config, train_meter=train, infer_meter=infer, progress=False,
+        train, infer = None, CostMeter("inference")
+        results[name] = (run_architecture(name, ws, config, infer_meter=infer, progress=False,
                                           lm=tiny_lm, retrievers={"bm25": bm25}), train, infer)
     expected = set(metric_keys(["describe", "identify", "lm"]))
     closed, ralm_result = results["closed_book"][0], results["incontext_ralm"][0]
@@ -359,9 +359,9 @@ class ToyTrained(ClosedBook):
     finetune = "lm"
     trained_calls = 0
 
-    def train(self, meter):
+    def train(self, run):
         ToyTrained.trained_calls += 1
-        meter.add(tokens_scored=10)
+        run.meter.add(tokens_scored=10)
 
         def write(tmp):
             (tmp / "weights.txt").write_text("trained")
@@ -372,23 +372,26 @@ class ToyTrained(ClosedBook):
 
 def test_training_plumbing_for_later_architectures(ws, tiny_lm, monkeypatch):
     from ragops.architectures import registry
+    from ragops.training.loop import TrainRun
 
     monkeypatch.setitem(registry.ARCHITECTURES, "toy_trained", "test_architectures:ToyTrained")
     config = resolve({"eval": {"tasks": ["describe"], "split": "test", "max_questions": 1, "max_new_tokens": 2,
                                "bootstrap_samples": 10}})
     ToyTrained.trained_calls = 0
-    train = CostMeter("train")
-    result = run_architecture("toy_trained", ws, config, train_meter=train, infer_meter=CostMeter("inference"),
-                              progress=False, lm=tiny_lm)
-    assert ToyTrained.trained_calls == 1 and train.counters["tokens_scored"] == 10 and train.wall_s > 0
-    assert result.info["train"]["version"] == 1 and result.info["finetune"] == "lm"
+    arch = ToyTrained(ArchitectureContext(ws, config, ws.architecture_dir("toy_trained"), progress=False, lm_override=tiny_lm))
+    with pytest.raises(RagopsError, match="not trained for the current settings"):
+        run_architecture("toy_trained", ws, config, infer_meter=CostMeter("inference"), progress=False, lm=tiny_lm)
+    assert arch.needs_training()
+    with CostMeter("train") as train:
+        arch.train(TrainRun(meter=train, progress=False))
+    assert ToyTrained.trained_calls == 1 and train.counters["tokens_scored"] == 10
+    result = run_architecture("toy_trained", ws, config, infer_meter=CostMeter("inference"), progress=False, lm=tiny_lm)
+    assert result.info["train"] == {"steps": 1} and result.info["finetune"] == "lm"
     assert (ws.architecture_dir("toy_trained") / "weights.txt").read_text() == "trained"
-    # artifacts for the same settings are reused, not retrained
-    run_architecture("toy_trained", ws, config, train_meter=CostMeter("train"), infer_meter=CostMeter("inference"),
-                     progress=False, lm=tiny_lm)
-    assert ToyTrained.trained_calls == 1
-    # other settings (here the seed) invalidate them; the new version replaces the folder whole
-    reseeded = config.model_copy(update={"seed": config.seed + 1})
-    result = run_architecture("toy_trained", ws, reseeded, train_meter=CostMeter("train"),
-                              infer_meter=CostMeter("inference"), progress=False, lm=tiny_lm)
-    assert ToyTrained.trained_calls == 2 and result.info["train"]["version"] == 2
+    assert not arch.needs_training()  # artifacts for the same settings are reused
+    # other settings (here the seed) invalidate them; a new version replaces the folder whole
+    reseeded = ToyTrained(ArchitectureContext(ws, config.model_copy(update={"seed": config.seed + 1}), ws.architecture_dir("toy_trained"),
+                                              progress=False, lm_override=tiny_lm))
+    assert reseeded.needs_training()
+    manifest = reseeded.train(TrainRun(meter=CostMeter("train"), progress=False))
+    assert manifest["version"] == 2 and not reseeded.needs_training() and arch.needs_training()

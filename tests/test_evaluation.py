@@ -133,11 +133,11 @@ def test_run_architecture_refuses_a_leaking_index(tmp_path, tiny_lm_dir):
     ws = _workspace(tmp_path, leak=True)
     config = resolve({"eval": {"tasks": ["lm"], "split": "test", "max_lm_docs": 10}, "lm": {"model": str(tiny_lm_dir)}})
     with pytest.raises(RagopsError, match="leakage"):
-        run_architecture("closed_book", ws, config, train_meter=CostMeter("train"), infer_meter=CostMeter("inference"),
+        run_architecture("closed_book", ws, config, infer_meter=CostMeter("inference"),
                          progress=False)
     clean = _workspace(tmp_path / "clean", leak=False)
     lm = CausalLM.load(tiny_lm_dir, device="cpu")
-    result = run_architecture("closed_book", clean, config, train_meter=CostMeter("train"),
+    result = run_architecture("closed_book", clean, config,
                               infer_meter=CostMeter("inference"), progress=False, lm=lm)
     assert set(result.metrics) == set(metric_keys(["lm"]))
     assert all(heldout_split(d) == "test" for d in result.predictions["doc_id"])

@@ -86,7 +86,7 @@ def test_incontext_ralm_beats_closed_book_end_to_end(smollm2, tmp_path):
     )
     bm25 = bm25_over(ws)
     results = {
-        name: run_architecture(name, ws, config, train_meter=CostMeter("train"), infer_meter=CostMeter("inference"),
+        name: run_architecture(name, ws, config, infer_meter=CostMeter("inference"),
                                progress=False, lm=smollm2, retrievers={"bm25": bm25})
         for name in ("closed_book", "incontext_ralm")
     }

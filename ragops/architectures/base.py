@@ -38,11 +38,18 @@ if TYPE_CHECKING:
     from ragops.cost import CostMeter
     from ragops.lm.model import CausalLM
     from ragops.paths import Workspace
+    from ragops.training.loop import TrainRun
 
 Family = Literal["baseline", "black-box", "white-box"]
 FineTune = Literal["none", "retriever", "lm", "joint"]
 
 QA_BATCH = 32  # questions per LM call (and per progress-bar step)
+RETRIEVER_DIR = "retriever"  # a trained architecture's tuned retriever: query_encoder/, index/
+#: Package-relative sources every trained architecture depends on (see `Architecture.code_paths`).
+TRAINING_CODE = (
+    "architectures/base.py", "architectures/shared.py", "architectures/prompts.py", "lm", "training",
+    "retrieval/trainable.py", "retrieval/types.py",
+)
 LM_DOC_BATCH = 8  # held-out documents per LM call in the plain-LM path
 
 
@@ -79,10 +86,14 @@ class ArchitectureContext:
         return self.lm_override
 
     def retriever(self, kind: str) -> Retriever:
+        """The retriever of `kind`; a trained architecture's own tuned retriever (artifact_dir/retriever)
+        when it has one, so evaluation retrieves with what training produced."""
         if kind not in self.retrievers:
             from ragops.retrieval.retriever import load_retriever
 
-            self.retrievers[kind] = load_retriever(self.ws, self.config, kind)
+            trained = self.artifact_dir / RETRIEVER_DIR
+            trained_dir = trained if (trained / "index" / "meta.json").exists() else None
+            self.retrievers[kind] = load_retriever(self.ws, self.config, kind, trained_dir=trained_dir)
         return self.retrievers[kind]
 
 
@@ -118,26 +129,50 @@ class Architecture:
         return self.ctx.progress
 
     def param_counts(self) -> tuple[int, int]:
-        """(total, trainable) parameters used at inference; trainable = those `train` changed."""
-        return self.lm.n_params, 0
+        """(total, trainable) parameters used at inference; trainable = those `train` changed (as
+        recorded in the trained manifest)."""
+        manifest = self.trained_manifest() if self.finetune != "none" else None
+        trainable = int((manifest or {}).get("info", {}).get("trainable_params", 0))
+        return self.lm.n_params + int((manifest or {}).get("info", {}).get("extra_params", 0)), trainable
 
     # --- training -----------------------------------------------------------------------------------------
     MANIFEST: ClassVar[str] = "manifest.json"
+    #: Source files (relative to the ragops package) a trained architecture's result also depends on,
+    #: beyond `TRAINING_CODE` and its own module; the train stage's fingerprint and its DVC deps use them.
+    code_deps: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def code_paths(cls) -> list[str]:
+        """Package-relative source files whose change must retrain this architecture (and, for
+        evaluation, re-evaluate it): its module, the shared mechanisms, the LM layer, the training
+        substrate and what it declares in `code_deps`."""
+        own = [cls.__module__.split(".", 1)[1].replace(".", "/") + ".py"] if cls.__module__.startswith("ragops.") else []
+        return sorted({*TRAINING_CODE, *own, *cls.code_deps})
+
+    def training_settings(self) -> dict[str, Any]:
+        """Everything the trained artifacts depend on, as a nested dict: options, LM, encoder,
+        seed, the index and benchmark they were trained against, and the code. A checkpoint
+        records these and is refused when one differs (naming it)."""
+        from ragops.io import path_hash, text_hash
+
+        ws, config = self.ctx.ws, self.ctx.config
+        index_meta = ws.index_dir / "meta.json"
+        return {
+            "architecture": self.name,
+            "options": self.options.model_dump(mode="json"),
+            "lm": config.section("lm"),
+            "encoder": config.embed.model,
+            "seed": config.seed,
+            "benchmark": {"questions": path_hash(ws.questions) if ws.questions.exists() else None,
+                          "split": config.section("benchmark")},
+            "index": text_hash(index_meta.read_text()) if index_meta.exists() else None,
+            "code": code_fingerprint(self.code_paths()),
+        }
 
     def training_fingerprint(self) -> str:
-        """What the trained artifacts depend on: options, LM, seed, and the index they were trained against."""
-        from ragops.io import json_hash, text_hash
+        from ragops.io import json_hash
 
-        index_meta = self.ctx.ws.index_dir / "meta.json"
-        return json_hash(
-            {
-                "architecture": self.name,
-                "options": self.options.model_dump(mode="json"),
-                "lm": self.ctx.config.section("lm"),
-                "seed": self.ctx.config.seed,
-                "index": text_hash(index_meta.read_text()) if index_meta.exists() else None,
-            }
-        )
+        return json_hash(self.training_settings())
 
     def trained_manifest(self) -> dict[str, Any] | None:
         """The manifest of the artifacts in `artifact_dir` (None when there are none)."""
@@ -147,23 +182,21 @@ class Architecture:
         return read_json(path) if path.exists() else None
 
     def needs_training(self) -> bool:
-        """True for a method that fine-tunes something and has no artifacts for the current settings."""
+        """True for a method that fine-tunes something and has no complete artifacts for the current settings."""
         if self.finetune == "none":
             return False
         manifest = self.trained_manifest()
-        return manifest is None or manifest.get("fingerprint") != self.training_fingerprint()
+        return manifest is None or manifest.get("fingerprint") != self.training_fingerprint() or bool(manifest.get("truncated"))
 
-    def train(self, meter: CostMeter) -> dict[str, Any] | None:  # noqa: ARG002
-        """Fit the method and write its artifacts into `artifact_dir` (see `save_artifacts`).
-        Nothing to train by default."""
+    def train(self, run: TrainRun) -> dict[str, Any] | None:  # noqa: ARG002
+        """Fit the method (usually: build a `TrainingTask` and call `run.train(task, options)`) and
+        write its artifacts into `artifact_dir` (see `save_artifacts`). Nothing to train by default."""
         return None
 
-    def save_artifacts(self, write: Any) -> dict[str, Any]:
+    def save_artifacts(self, write: Any, *, truncated: bool = False) -> dict[str, Any]:
         """Write trained artifacts atomically: `write(tmp_dir) -> info` fills a temporary folder that
         replaces `artifact_dir` whole, with a manifest (fingerprint, version, info) that
         `needs_training` and evaluation read. Returns the manifest."""
-        import time
-
         from ragops.io import atomic_dir, write_json
 
         previous = self.trained_manifest()
@@ -173,11 +206,16 @@ class Architecture:
                 "architecture": self.name,
                 "fingerprint": self.training_fingerprint(),
                 "version": int(previous.get("version", 0)) + 1 if previous else 1,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "truncated": truncated,
                 "info": info,
             }
             write_json(tmp / self.MANIFEST, manifest)
         return manifest
+
+    def trained_retriever_dir(self) -> Path | None:
+        """Where this architecture's trained retriever lives, when it has one."""
+        path = self.artifact_dir / RETRIEVER_DIR
+        return path if (path / "index" / "meta.json").exists() else None
 
     # --- retrieval ---------------------------------------------------------------------------------------
     def retrieve(
@@ -325,6 +363,24 @@ class Architecture:
         if bar is not None:
             bar.close()
         return pd.DataFrame(rows)
+
+
+def code_fingerprint(paths: list[str]) -> dict[str, str]:
+    """{package-relative path: content hash} of source files or folders (their .py files)."""
+    from ragops.io import file_hash, json_hash
+
+    root = Path(__file__).resolve().parents[1]
+    out = {}
+    for rel in paths:
+        path = root / rel
+        if path.is_dir():
+            files = sorted(path.rglob("*.py"))
+            out[rel] = json_hash({str(f.relative_to(root)): file_hash(f) for f in files if "__pycache__" not in f.parts})
+        elif path.exists():
+            out[rel] = file_hash(path)
+        else:
+            out[rel] = "missing"
+    return out
 
 
 def _progress(enabled: bool, total: int, desc: str):

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 ARCHITECTURES: dict[str, str] = {
     "closed_book": "ragops.architectures.closed_book:ClosedBook",
     "incontext_ralm": "ragops.architectures.incontext_ralm:InContextRALM",
+    "replug": "ragops.architectures.replug:REPLUG",
+    "replug_lsr": "ragops.architectures.replug_lsr:REPLUGLSR",
+    "aar": "ragops.architectures.aar:AAR",
 }
 
 

@@ -127,12 +127,19 @@ def kl_distill(
         raise ValueError(f"kl_distill: expected two [batch, k] tensors, got {tuple(student.shape)} and {tuple(teacher.shape)}")
     if detach_teacher:
         teacher = teacher.detach()
-    log_s = torch.log_softmax(student / student_temperature, dim=-1)
-    log_t = torch.log_softmax(teacher / teacher_temperature, dim=-1)
+    # A -inf score marks an absent document (fewer than k retrieved): both distributions are over
+    # the documents present in both, and absent ones contribute exactly 0 (not inf or NaN).
+    present = torch.isfinite(student) & torch.isfinite(teacher)
+    if not bool(present.any(dim=-1).all()):
+        raise ValueError("kl_distill: a row has no document with finite student and teacher scores")
+    neg_inf = torch.tensor(float("-inf"), dtype=student.dtype, device=student.device)
+    log_s = torch.log_softmax(torch.where(present, student / student_temperature, neg_inf), dim=-1)
+    log_t = torch.log_softmax(torch.where(present, teacher / teacher_temperature, neg_inf), dim=-1)
+    zero = torch.zeros((), dtype=student.dtype, device=student.device)
     if direction == "teacher_student":
-        terms = log_t.exp() * (log_t - log_s)
+        terms = torch.where(present, log_t.exp() * (log_t - log_s), zero)
     elif direction == "student_teacher":
-        terms = log_s.exp() * (log_s - log_t)
+        terms = torch.where(present, log_s.exp() * (log_s - log_t), zero)
     else:
         raise ValueError(f"kl_distill: unknown direction '{direction}' (teacher_student | student_teacher)")
     if reduction == "batchmean":

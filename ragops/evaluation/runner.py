@@ -10,6 +10,7 @@ import pandas as pd
 
 from ragops.architectures import registry
 from ragops.architectures.base import Architecture, ArchitectureContext
+from ragops.errors import RagopsError
 from ragops.evaluation.data import check_workspace_leakage, load_heldout, load_questions
 from ragops.evaluation.harness import evaluate_lm, evaluate_qa, predictions_frame
 from ragops.architectures.prompts import qa_prompt
@@ -51,19 +52,19 @@ def run_architecture(
     ws: Workspace,
     config: Config,
     *,
-    train_meter: CostMeter,
     infer_meter: CostMeter,
     progress: bool = True,
     lm: CausalLM | None = None,
     retrievers: dict[str, Any] | None = None,
 ) -> EvalResult:
-    """Train `name` if it needs it, then evaluate it on every task of `config.eval.tasks`.
+    """Evaluate `name` (trained beforehand when it trains) on every task of `config.eval.tasks`.
 
     Questions come from `questions.parquet` (split `config.eval.split`, first `max_questions` per
     task by qid) and held-out documents from `heldout.parquet` (the split's half, first
-    `max_lm_docs` by doc_id; no held-out id may be in the chunk table). The meters must not be
-    entered yet: training runs inside `train_meter`, evaluation inside `infer_meter`; both get
-    token, FLOP and retrieval counters and the parameter counts. `lm`/`retrievers` may be passed
+    `max_lm_docs` by doc_id; no held-out id may be in the chunk table). A trained architecture
+    must have been trained (the train stage) for the current settings. `infer_meter` must not be
+    entered yet: evaluation runs inside it, with token, FLOP and retrieval counters and the
+    parameter counts. `lm`/`retrievers` may be passed
     ready-made (tests, benchmarks); otherwise they are loaded from the workspace.
     """
     eval_config = config.eval
@@ -73,10 +74,9 @@ def run_architecture(
     if docs is not None:
         check_workspace_leakage(ws)
 
-    train_info = None
-    with train_meter:
-        if arch.needs_training():
-            train_info = arch.train(train_meter)
+    if arch.needs_training():
+        raise RagopsError(f"{arch.artifact_dir}: '{name}' is not trained for the current settings (run: ragops train {name})")
+    train_info = (arch.trained_manifest() or {}).get("info")
 
     metrics: dict[str, float] = {}
     parts: list[pd.DataFrame] = []
@@ -95,7 +95,6 @@ def run_architecture(
             seconds[task] = round(time.perf_counter() - start, 3)
         lm_spent = arch.lm.counters.since(lm_before)
     total, trainable = arch.param_counts()
-    train_meter.set_params(total, trainable)
     infer_meter.set_params(total, trainable)
 
     predictions = predictions_frame(parts)

@@ -413,7 +413,12 @@ class CausalLM:
             bar.close()
         return scores, texts
 
-    def _greedy(self, last_hidden, cache, prefix_mask, prompt_lens, max_new_tokens, stop) -> list[str]:
+    def _greedy(self, last_hidden, cache, prefix_mask, prompt_lens, max_new_tokens, stop, choose=None) -> list[str]:
+        """Greedy decoding from a prompt forward's last hidden states and cache.
+
+        `choose(logits [n_alive, vocab], alive_rows) -> next token per alive row` is the per-step
+        next-token hook (default: each row's argmax); ensemble decoding passes one that mixes the
+        rows of a question and gives them all the same token."""
         torch = self._torch
         n = last_hidden.shape[0]
         generated: list[list[int]] = [[] for _ in range(n)]
@@ -424,7 +429,7 @@ class CausalLM:
         mask = prefix_mask.cpu() if prefix_mask is not None else torch.ones((n, cache_len(cache)), dtype=torch.long)
         lengths = torch.tensor(prompt_lens, dtype=torch.long)
         for step in range(max_new_tokens):
-            next_ids = logits.argmax(dim=-1).tolist()
+            next_ids = logits.argmax(dim=-1).tolist() if choose is None else list(choose(logits, alive))
             keep = []
             for row, token in zip(alive, next_ids, strict=True):
                 if token in self.eos_ids:
@@ -454,6 +459,174 @@ class CausalLM:
             for row in alive:
                 self._charge(n_new=1, past=int(lengths[alive.index(row)]) + step, n_logits=1)
         return texts
+
+    # --- mixtures (REPLUG) -------------------------------------------------------------------------
+    def score_and_generate_mixture(
+        self,
+        groups: Sequence[Sequence[Sequence[int]]],
+        log_weights: Sequence[Sequence[float]],
+        continuations: Sequence[Sequence[int]] | None,
+        max_new_tokens: int = 16,
+        stop: Sequence[str] = ("\n",),
+        progress: bool = False,
+    ) -> tuple[list[float], list[list[np.ndarray]], list[str]]:
+        """A λ-weighted mixture over k prompts per question (REPLUG: one retrieved document per prompt).
+
+        For question i with prompts `groups[i]` (token ids, one per document) and normalised
+        log-weights `log_weights[i]` (log λ_d):
+        - scoring, in probability space: log P(y | x) = logsumexp_d(log λ_d + log P_LM(y | d∘x)),
+          with log P_LM(y | d∘x) the sum of the continuation's token log-probs under prompt d
+          (never an average of logits);
+        - ensemble decoding: at each step the next-token distribution is Σ_d λ_d P_LM(· | d∘x, y<t),
+          its argmax is appended to all k rows of the question.
+        Returns (mixture log-prob of each continuation, per-document token log-probs, generated text).
+        Every row is run through the model: the cost is k prompts per question.
+        """
+        torch = self._torch
+        n = len(groups)
+        if len(log_weights) != n or (continuations is not None and len(continuations) != n):
+            raise ValueError(f"score_and_generate_mixture: {n} groups, {len(log_weights)} weight rows, continuations for {None if continuations is None else len(continuations)}")
+        conts = [list(c) for c in continuations] if continuations is not None else [[] for _ in range(n)]
+        prepared = []
+        for i, (prompts, weights) in enumerate(zip(groups, log_weights, strict=True)):
+            if len(prompts) == 0 or len(prompts) != len(weights):
+                raise ValueError(f"group {i}: {len(prompts)} prompts and {len(weights)} weights")
+            reserve = max(max_new_tokens, len(conts[i]))
+            if reserve > self.max_length - 1:
+                raise RagopsError(f"max_new_tokens/continuation of {reserve} tokens does not fit lm.max_length={self.max_length}")
+            rows = [(list(p) if p else [self.start_id])[-(self.max_length - reserve) :] for p in prompts]
+            prepared.append((i, rows, np.asarray(weights, dtype=np.float64)))
+        prepared.sort(key=lambda g: max(len(r) for r in g[1]), reverse=True)
+        mixture = [0.0] * n
+        per_doc: list[list[np.ndarray]] = [[] for _ in range(n)]
+        texts = [""] * n
+        bar = _bar(progress, n, "mixture")
+        batches, current, width = [], [], 0
+        for group in prepared:  # whole groups per batch: the mixture needs all k rows together
+            longest = max(len(r) for r in group[1]) + max_new_tokens
+            rows_now = sum(len(g[1]) for g in current)
+            if current and (rows_now + len(group[1])) * max(width, longest) > self.batch_tokens:
+                batches.append(current)
+                current, width = [], 0
+            current.append(group)
+            width = max(width, longest)
+        if current:
+            batches.append(current)
+        for batch in batches:
+            flat = [(gi, d, row) for gi, (_, rows, _) in enumerate(batch) for d, row in enumerate(rows)]
+            width = max(len(row) for _, _, row in flat)
+            ids, mask, positions = self._left_pad([row for _, _, row in flat], width)
+            with torch.inference_mode():
+                hidden, cache = self._forward(ids, mask, positions, use_cache=True)
+            for _, _, row in flat:
+                self._charge(n_new=len(row), past=0, n_logits=1)
+            self.counters.tokens_padded += len(flat) * width - sum(len(row) for _, _, row in flat)
+            last = hidden[:, -1]
+            row_owner = [batch[gi][0] for gi, _, _ in flat]
+            if continuations is not None:
+                chunk = [(r, r) for r in range(len(flat)) if conts[row_owner[r]]]
+                if chunk:
+                    holder: list[Any] = [None] * len(flat)
+                    row_conts = [conts[row_owner[r]] for r in range(len(flat))]
+                    self._continue_rows(chunk, last, cache, mask, [(row, None) for _, _, row in flat], row_conts, holder)
+                    for r, (gi, d, _) in enumerate(flat):
+                        i = batch[gi][0]
+                        per_doc[i].append(holder[r] if holder[r] is not None else np.zeros(0, dtype=np.float32))
+                    for gi, (i, _, weights) in enumerate(batch):
+                        totals = np.array([float(lp.sum()) for lp in per_doc[i]], dtype=np.float64)
+                        mixture[i] = float(_logsumexp(weights + totals))
+            if max_new_tokens > 0:
+                log_w = torch.tensor([batch[gi][2][d] for gi, d, _ in flat], dtype=torch.float32)
+                group_of = [gi for gi, _, _ in flat]
+
+                def choose(logits, alive, log_w=log_w, group_of=group_of):
+                    logp = torch.log_softmax(logits.float(), dim=-1)
+                    out = [0] * len(alive)
+                    members: dict[int, list[int]] = {}
+                    for position, row in enumerate(alive):
+                        members.setdefault(group_of[row], []).append(position)
+                    for positions_of_group in members.values():
+                        rows = torch.tensor([alive[p] for p in positions_of_group])
+                        mixed = torch.logsumexp(logp[positions_of_group] + log_w[rows].unsqueeze(1), dim=0)
+                        token = int(mixed.argmax())
+                        for p in positions_of_group:
+                            out[p] = token
+                    return out
+
+                outs = self._greedy(last, cache, mask, [len(row) for _, _, row in flat], max_new_tokens, stop, choose=choose)
+                for r, (gi, d, _) in enumerate(flat):
+                    if d == 0:
+                        texts[batch[gi][0]] = outs[r]
+            if bar is not None:
+                bar.update(len(batch))
+        if bar is not None:
+            bar.close()
+        return mixture, per_doc, texts
+
+    # --- read-outs for white-box methods -----------------------------------------------------------
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]], token_ids: Sequence[int]) -> np.ndarray:
+        """log P(t | prompt) for each candidate token t (over the full vocabulary): [n_prompts, len(token_ids)].
+        SELF-RAG reads its reflection tokens' probabilities this way."""
+        torch = self._torch
+        out = np.zeros((len(prompts), len(token_ids)), dtype=np.float32)
+        items = sorted(((list(p)[-(self.max_length - 1) :] or [self.start_id], i) for i, p in enumerate(prompts)), key=lambda it: -len(it[0]))
+        wanted = torch.tensor(list(token_ids), dtype=torch.long, device=self.device)
+        for batch in self._batches(items, lambda it: len(it[0])):
+            width = len(batch[0][0])
+            ids, mask, positions = self._left_pad([it[0] for it in batch], width)
+            with torch.inference_mode():
+                hidden = self._forward(ids, mask, positions)[0][:, -1]
+                logp = torch.log_softmax(self._head(hidden).float(), dim=-1)[:, wanted]
+            for it in batch:
+                self._charge(n_new=len(it[0]), past=0, n_logits=1)
+            self.counters.tokens_padded += len(batch) * width - sum(len(it[0]) for it in batch)
+            for r, (_, i) in enumerate(batch):
+                out[i] = logp[r].cpu().numpy()
+        return out
+
+    def attention(self, ids: Sequence[int], query_positions: Sequence[int], value_norms: bool = False) -> dict[str, np.ndarray]:
+        """Self-attention of the positions `query_positions` of one sequence, from every layer and head.
+
+        Returns {"weights": [layers, heads, n_query, seq]} (post-softmax probabilities) and, with
+        `value_norms`, {"value_norms": [layers, heads, seq]} (‖v_j‖ per key position and head, GQA
+        key/value heads repeated to the query heads) — AAR's and Atlas ADist's signals. Runs the
+        eager attention kernel for this call (sdpa returns no weights), so it costs a bit more
+        than a scoring forward; one sequence per call, so no padding mask is involved.
+        """
+        torch = self._torch
+        ids = list(ids)[-self.max_length :]
+        rows = torch.tensor(list(query_positions), dtype=torch.long)
+        config = self.model.config
+        previous = getattr(config, "_attn_implementation", "sdpa")
+        captured: list[Any] = []
+        hooks = []
+        if value_norms:
+            layers = getattr(self._base, "layers", None)
+            if layers is None:
+                raise RagopsError(f"{self.name}: value norms need a Llama-style model (decoder .layers[i].self_attn.v_proj)")
+            for layer in layers:
+                hooks.append(layer.self_attn.v_proj.register_forward_hook(lambda _m, _i, out: captured.append(out.detach())))
+        try:
+            self.model.set_attn_implementation("eager")
+            with torch.inference_mode():
+                out = self._base(input_ids=torch.tensor([ids], device=self.device), output_attentions=True)
+        finally:
+            self.model.set_attn_implementation(previous)
+            for hook in hooks:
+                hook.remove()
+        self._charge(n_new=len(ids), past=0, n_logits=0)
+        weights = torch.stack([a[0][:, rows.to(a.device), :] for a in out.attentions]).float().cpu().numpy()
+        result = {"weights": weights}
+        if value_norms:
+            n_heads = weights.shape[1]
+            norms = []
+            for values in captured:
+                v = values[0].float()  # [seq, kv_heads * head_dim]
+                kv_heads = int(getattr(config, "num_key_value_heads", n_heads) or n_heads)
+                per_head = v.view(v.shape[0], kv_heads, -1).norm(dim=-1).T  # [kv_heads, seq]
+                norms.append(per_head.repeat_interleave(n_heads // kv_heads, dim=0))
+            result["value_norms"] = torch.stack(norms).cpu().numpy()
+        return result
 
     # --- perplexity helpers ---------------------------------------------------------------------------
     def token_logprobs(self, ids: Sequence[int], stride: int | None = None) -> np.ndarray:
@@ -578,6 +751,13 @@ def sliding_windows(ids: list[int], max_length: int, stride: int | None = None) 
         pairs.append((ids[begin:end], ids[end:new_end]))
         end = new_end
     return pairs
+
+
+def _logsumexp(values: np.ndarray) -> float:
+    top = float(np.max(values))
+    if not np.isfinite(top):
+        return top
+    return top + float(np.log(np.sum(np.exp(values - top))))
 
 
 def cache_len(cache: Any) -> int:

@@ -371,7 +371,8 @@ def check_encoder(meta: dict[str, Any], encoder: Any, *, strict_fingerprint: boo
             f"{where}: index has dim {meta['dim']} (encoder '{meta.get('encoder')}') but the encoder '{encoder.spec}' has dim"
             f" {encoder.dim}; rebuild the index with this encoder"
         )
-    built_with = meta.get("fingerprint")
+    # An index of a fine-tuned retriever with untied towers records its query tower separately.
+    built_with = meta.get("query_fingerprint") or meta.get("fingerprint")
     if built_with and built_with != encoder.fingerprint:
         message = (
             f"{where}: index was built with encoder fingerprint {built_with} ('{meta.get('encoder')}'),"

@@ -310,23 +310,39 @@ def load_retriever(
     config: Any,
     kind: Literal["bm25", "dense", "hybrid"],
     encoder: Encoder | None = None,
+    trained_dir: str | Path | None = None,
 ) -> Retriever:
-    """A fresh retriever (own counters) over the workspace's chunks.parquet and artifacts/index/."""
+    """A fresh retriever (own counters) over the workspace's chunks.parquet and artifacts/index/.
+
+    `trained_dir`: the retriever of a trained architecture (`query_encoder/` and `index/` written by
+    `ragops.retrieval.trainable` and the architecture): dense search then uses the tuned query
+    encoder over the index of the tuned passage encoder; BM25 stays the workspace's.
+    """
     if kind not in ("bm25", "dense", "hybrid"):
         raise RagopsError(f"unknown retriever '{kind}' (known: bm25, dense, hybrid)")
     table = load_chunk_table(ws.chunks)
     dense, bm25, meta = _load_workspace_index(Path(ws.index_dir))
+    where = Path(ws.index_dir)
     if int(meta.get("count", len(table))) != len(table) or meta.get("chunk_ids_hash", table.ids_hash) != table.ids_hash:
         raise RagopsError(
             f"{ws.index_dir}: index was built for other chunks ({meta.get('count')} vs {len(table)} in {ws.chunks});"
             " rerun the 'index' stage"
         )
+    if trained_dir is not None and kind != "bm25":
+        from ragops.retrieval.trainable import load_trained_encoders
+
+        where = Path(trained_dir) / "index"
+        dense, _, meta = _load_workspace_index(where)
+        if meta.get("chunk_ids_hash", table.ids_hash) != table.ids_hash:
+            raise RagopsError(f"{where}: the trained retriever's index was built for other chunks; retrain it")
+        encoder = _cached(("trained-encoder", str(Path(trained_dir).resolve())), _stamp(where / "meta.json"),
+                          lambda: load_trained_encoders(trained_dir, device=config.embed.device, batch_size=config.embed.batch_size)[0])
 
     def make_dense() -> DenseRetriever:
         if dense is None:
-            raise RagopsError(f"{ws.index_dir}: no dense index in this index directory")
+            raise RagopsError(f"{where}: no dense index in this index directory")
         enc = encoder if encoder is not None else load_encoder(config.embed)
-        check_encoder(meta, enc, where=str(ws.index_dir))
+        check_encoder(meta, enc, where=str(where))
         return DenseRetriever(enc, dense, table)
 
     def make_bm25() -> BM25Retriever:
