@@ -108,6 +108,9 @@ class ArchitectureOptions(Section):
     """Options every architecture has. Each architecture module subclasses this with its own keys."""
 
     enabled: bool = True
+    # A variant: this entry is the registered architecture `base` under another name with its own
+    # options (a control or an ablation: e.g. `aar_gold_only: {base: aar, positives: gold_only}`).
+    base: str | None = None
 
 
 class OptimizerOptions(Section):

@@ -69,10 +69,20 @@ def resolve(raw: dict[str, Any], profile: str | None = None, source: str = "para
 def _validate_architectures(raw: dict[str, Any], where: str) -> dict[str, ArchitectureOptions]:
     validated = {}
     for name, options in raw.items():
-        if name not in registry.names():
-            raise ConfigError(f"{where}: unknown architecture 'architectures.{name}' (known: {', '.join(registry.names())})")
+        options = options or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"{where}: 'architectures.{name}' must be a mapping of options")
+        base = options.get("base")
+        if base is not None and base not in registry.names():
+            raise ConfigError(f"{where}: unknown base architecture 'architectures.{name}.base: {base}' (known: {', '.join(registry.names())})")
+        target = base or name
+        if target not in registry.names():
+            raise ConfigError(
+                f"{where}: unknown architecture 'architectures.{name}' (known: {', '.join(registry.names())};"
+                " a variant of one of them needs `base: <name>`)"
+            )
         try:
-            validated[name] = registry.options_model(name).model_validate(options or {})
+            validated[name] = registry.options_model(target).model_validate(options)
         except ValidationError as error:
             message = _format_error(where, error)
             raise ConfigError(message.replace("'", f"'architectures.{name}.", 1)) from None

@@ -504,8 +504,7 @@ def train_architecture(
     from ragops.training.loop import TrainRun
     from ragops.training.plots import plot_history
 
-    cls = registry.get(name)
-    config.architecture_options(name)  # one line naming the configured ones when `name` is not
+    cls = registry.resolve(name, config.architecture_options(name))  # one line naming the configured ones if unknown
     arch = build_architecture(name, ws, config, progress=progress)
     out_dir = ws.architecture_dir(name)
     if cls.finetune == "none":
@@ -584,8 +583,8 @@ def evaluate_architecture(
 
     from ragops.architectures.base import code_fingerprint
 
-    cls = registry.get(name)
     options = config.architecture_options(name)
+    cls = registry.resolve(name, options)
     metrics_file = ws.metrics_file(name)
     inputs = {
         "questions": ws.questions, "heldout": ws.heldout, "index": ws.index_dir, "chunks": ws.chunks,

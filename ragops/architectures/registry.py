@@ -38,3 +38,19 @@ def get(name: str) -> type[Architecture]:
 
 def options_model(name: str) -> type[ArchitectureOptions]:
     return get(name).Options
+
+
+_variants: dict[tuple[str, str], type] = {}
+
+
+def resolve(name: str, options: ArchitectureOptions | None = None) -> type[Architecture]:
+    """The class for the configured entry `name`: the registered one, or — for a variant (an entry
+    with `base:`) — a subclass of the base named `name`, so its runs, artifacts and metrics are its own."""
+    base = getattr(options, "base", None)
+    if base is None or base == name:
+        return get(name)
+    key = (name, base)
+    if key not in _variants:
+        parent = get(base)
+        _variants[key] = type(f"{parent.__name__}_{name}", (parent,), {"name": name, "__module__": parent.__module__})
+    return _variants[key]

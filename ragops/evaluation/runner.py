@@ -40,7 +40,7 @@ def build_architecture(
     options: Any = None,
 ) -> Architecture:
     """An architecture instance with its context (LM and retrievers loaded lazily unless given)."""
-    cls = registry.get(name)
+    cls = registry.resolve(name, config.architectures.get(name))
     if options is None:
         options = config.architectures[name] if name in config.architectures else cls.Options()
     ctx = ArchitectureContext(ws, config, ws.architecture_dir(name), progress=progress, lm_override=lm, retrievers=dict(retrievers or {}))

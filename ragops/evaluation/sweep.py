@@ -40,7 +40,7 @@ def run_sweep(
     from ragops.evaluation.runner import build_architecture
 
     sweep = config.sweep
-    cls = registry.get(sweep.architecture)
+    cls = registry.resolve(sweep.architecture, config.architectures.get(sweep.architecture))
     base_options = config.architectures.get(sweep.architecture) or cls.Options()
     if not {"stride", "query_length"} <= set(type(base_options).model_fields):
         raise ValueError(f"sweep.architecture '{sweep.architecture}' has no stride/query_length options")
