@@ -88,6 +88,19 @@ class CausalLM:
                 raise RagopsError(f"{self.name}: {attribute} is not supported by ragops' scoring path")
         params = list(inspect.signature(self._base.forward).parameters)
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.refresh_vocabulary()
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self.start_id = int(start if start is not None else 0)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.start_id)
+        eos = getattr(model.generation_config, "eos_token_id", None) if getattr(model, "generation_config", None) else None
+        eos_ids = {tokenizer.eos_token_id} | (set(eos) if isinstance(eos, (list, tuple)) else {eos})
+        self.eos_ids = {int(i) for i in eos_ids if i is not None}
+        self._torch = torch
+
+    def refresh_vocabulary(self) -> None:
+        """Re-read sizes after the model changed (e.g. embeddings resized for added tokens)."""
+        model = self.model
+        self._head = model.get_output_embeddings()
         config = model.config
         self.n_params = int(sum(p.numel() for p in model.parameters()))
         self.n_layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
@@ -100,13 +113,6 @@ class CausalLM:
         # Embedding lookups cost nothing; the vocabulary projection is charged per scored position.
         self._body_params = self.n_params - embed_params - (0 if tied else head_params)
         self._head_params = head_params
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        self.start_id = int(start if start is not None else 0)
-        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.start_id)
-        eos = getattr(model.generation_config, "eos_token_id", None) if getattr(model, "generation_config", None) else None
-        eos_ids = {tokenizer.eos_token_id} | (set(eos) if isinstance(eos, (list, tuple)) else {eos})
-        self.eos_ids = {int(i) for i in eos_ids if i is not None}
-        self._torch = torch
 
     # --- cost accounting ------------------------------------------------------------------------------
     @contextlib.contextmanager
