@@ -480,7 +480,7 @@ def _report_other_checkpoints(checkpoint: Path, settings: dict[str, Any]) -> Non
     """A checkpoint of this architecture made with other settings is not resumed from: say which differ."""
     from ragops.training.checkpoint import load_checkpoint
 
-    for other in sorted(checkpoint.parent.glob("*.ckpt")) if checkpoint.parent.is_dir() else []:
+    for other in sorted(checkpoint.parent.glob("[!.]*.ckpt")) if checkpoint.parent.is_dir() else []:  # not temp files
         if other == checkpoint:
             continue
         try:

@@ -170,8 +170,8 @@ class REPLUG(InContextRALM):
             "nll_sum": nll,
             "n_tokens": len(ids),
             "n_words": n_words,
-            "retrieved_doc_ids": [p.doc_id for ps in used for p in ps[:1]],
-            "retrieved_scores": [p.score for ps in used for p in ps[:1]],
+            "retrieved_doc_ids": [ps[0].doc_id if ps else "" for ps in used],  # the top document per span, as In-Context RALM
+            "retrieved_scores": [ps[0].score if ps else float("nan") for ps in used],
             "tokens_prompt": n_prefix_tokens,
             "tokens_retrieved": n_passage_tokens,
             "tokens_scored": len(ids),
