@@ -253,8 +253,10 @@ def print_retrieval_table(ws) -> None:
     if not path.exists():
         return
     from ragops.retrieval.evaluate import retrieval_table
+    from ragops.stages import tuned_retrieval_metrics
 
-    console.print(retrieval_table(read_json(path)))
+    tuned = tuned_retrieval_metrics(ws, [p.name for p in sorted(ws.artifacts.joinpath("models").glob("*")) if p.is_dir()])
+    console.print(retrieval_table({**read_json(path), **tuned}))
 
 
 def print_architecture_table(ws, names: list[str]) -> None:

@@ -541,6 +541,9 @@ def train_architecture(
         meter.set_params(total, trainable)
         cost = meter.metrics(*run.cost_rates)
         write_json(out_dir / TRAIN_COST_FILE, cost)
+        tuned = _evaluate_tuned_retriever(ws, config, name, arch, progress)
+        if tuned:
+            run.log_metrics({f"retrieval/{k}": v for k, v in tuned.items()})
         png = plot_history(history, ws.plots_dir / f"training-{name}.png", f"{name}: training")
         if png is not None:
             run.log_artifact(png, "plots")
@@ -553,6 +556,38 @@ def train_architecture(
             remove_checkpoint(checkpoint)
         _remember_run(ws, out_dir, run.run_id)
     return StageOutcome("train", False, {"architecture": name, **_train_summary(out_dir)}, run.run_id)
+
+
+TUNED_RETRIEVAL_FILE = "retrieval_eval.json"
+
+
+def _evaluate_tuned_retriever(ws: Workspace, config: Config, name: str, arch: Any, progress: bool) -> dict[str, float]:
+    """Recall/MRR/nDCG of an architecture's tuned dense retriever on the same questions as the
+    `eval_retrieval` stage (retriever named `dense:<architecture>`), next to the untuned ones."""
+    import pandas as pd
+
+    from ragops.retrieval.evaluate import evaluate_retrievers
+    from ragops.retrieval.retriever import load_retriever
+
+    trained_dir = arch.trained_retriever_dir()
+    if trained_dir is None:
+        return {}
+    cfg = config.retrieval_eval
+    retriever = load_retriever(ws, config, "dense", trained_dir=trained_dir)
+    metrics, _ = evaluate_retrievers(pd.read_parquet(ws.questions), {f"dense:{name}": retriever}, splits=cfg.splits, ks=cfg.ks,
+                                     max_questions=cfg.max_questions, progress=progress)
+    write_json(ws.architecture_dir(name) / TUNED_RETRIEVAL_FILE, metrics)
+    return metrics
+
+
+def tuned_retrieval_metrics(ws: Workspace, names: list[str]) -> dict[str, float]:
+    """The tuned retrievers' metrics of `names` (those that have one), for the retrieval table."""
+    out: dict[str, float] = {}
+    for name in names:
+        path = ws.architecture_dir(name) / TUNED_RETRIEVAL_FILE
+        if path.exists():
+            out.update(read_json(path))
+    return out
 
 
 def _train_summary(out_dir: Path) -> dict[str, Any]:

@@ -138,6 +138,8 @@ def test_replug_lsr_trains_resumes_after_kill_and_evaluates_with_its_retriever(c
     assert [m.step for m in history] == [1, 2, 3]
     assert (ws_a.plots_dir / "training-replug_lsr.png").exists()
     assert not list((ws_a.cache_dir / "checkpoints" / "replug_lsr").glob("*.ckpt"))  # removed after success
+    tuned = read_json(model_dir / "retrieval_eval.json")  # the tuned retriever's recall, beside the untuned ones
+    assert 0.0 <= tuned["test/dense:replug_lsr/recall_at_1"] <= tuned["test/dense:replug_lsr/recall_at_10"] <= 1.0
     # the same settings: nothing to do; the teacher's scores are cached on disk
     assert stages.train_architecture(ws_a, config, "replug_lsr", progress=False).skipped
 
