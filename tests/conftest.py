@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-pytest_plugins = ["ragops.ops.testing"]  # real Prefect/MLflow server fixtures, shared across files
+pytest_plugins = ["tests.server_fixtures"]  # real Prefect/MLflow server fixtures, shared across files
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="ragops-tests-"))
 
 # Before anything imports Prefect or MLflow: point every tool at the session's temp dir.

@@ -22,7 +22,7 @@ from ragops.paths import Workspace
 
 EXPERIMENT = "compare-test"
 
-from ragops.ops.testing import FAKE_ARCHITECTURES as RUNS  # noqa: E402  (two real-looking architecture runs)
+from tests.server_fixtures import FAKE_ARCHITECTURES as RUNS  # noqa: E402  (two real-looking architecture runs)
 
 
 def _config(**overrides):

@@ -225,7 +225,7 @@ def test_evaluate_flow_fans_out_and_compares(prefect_api, tmp_path, mlflow_store
 
     from flows.pipeline import evaluate
     from ragops import stages
-    from ragops.ops.testing import FAKE_ARCHITECTURES
+    from tests.server_fixtures import FAKE_ARCHITECTURES
     from ragops.tracking import tracked_run
 
     threads = []  # no params.yaml in tmp_path: the defaults (closed_book, incontext_ralm)

@@ -55,7 +55,7 @@ def test_prefect_schedule_fires_then_everything_stops(tmp_path):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from ragops.ops.testing import FAST_SCHEDULER_ENV
+    from tests.server_fixtures import FAST_SCHEDULER_ENV
 
     ws = Workspace(tmp_path / "project")
     ws.root.mkdir()

@@ -33,7 +33,7 @@ def _chromium(tmp_path, *args: str, timeout: float = 120) -> subprocess.Complete
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary on PATH (install: apt-get install -y chromium)")
 def test_mlflow_compare_page_shows_both_architectures(tmp_path, mlflow_store, mlflow_server_factory):
     from ragops.compare import mlflow_compare_url
-    from ragops.ops.testing import FAKE_ARCHITECTURES, log_fake_pipeline
+    from tests.server_fixtures import FAKE_ARCHITECTURES, log_fake_pipeline
 
     ws = Workspace(tmp_path)
     config = resolve({"tracking": {"experiment": "ui-test"}})

@@ -1,4 +1,6 @@
-"""pytest fixtures for tests that need real servers (a pytest plugin: `pytest_plugins = ["ragops.ops.testing"]`).
+"""pytest fixtures for tests that need real servers (loaded by tests/conftest.py: `pytest_plugins`).
+
+Kept in tests/: pytest is a dev extra, the installed package ships no pytest plugin.
 
 - `prefect_server` (session): a real `prefect server start` on a free 127.0.0.1 port with a
   temporary PREFECT_HOME and a fast scheduler loop; stopped (whole process group) at the end.
