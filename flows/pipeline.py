@@ -9,6 +9,9 @@ guard, and a summary of every run as Prefect artifacts.
 Every flow takes `workspace` (the project folder), `params` (default `<workspace>/params.yaml`)
 and `profile` (default: params.yaml's `profile`). Run one with `python -m flows.pipeline` or
 `ragops run --prefect`; schedules come from `flows/deploy.py` (`ragops server`).
+
+Adding a stage: give it a task in STAGE_TASKS and one `orch.run_recorded(...)` line in the flow
+that runs it (and its name in that flow's planned list).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def _stage_task(stage: str):
     content-hash manifest. Retries (with delays) only where a failure can be transient."""
     retries, delays = orch.RETRIES.get(stage, (0, [0]))
     return task(
-        orch.call_stage,
+        orch.stage_task,
         name=stage,
         task_run_name=stage,
         cache_policy=NO_CACHE,
@@ -43,7 +46,7 @@ STAGE_TASKS = {name: _stage_task(name) for name in [*REFRESH_STAGES, "prepare_lm
 embed_shard_task = task(sharding.embed_shard, name="embed_shard", task_run_name="embed-shard-{start}-{end}", cache_policy=NO_CACHE)
 
 
-@flow(name="embed-shards", log_prints=True)
+@flow(name="embed-shards", flow_run_name="embed-shards", log_prints=True)
 def embed_shards(workspace: str, params: str | None, profile: str | None, ranges: list[tuple[int, int]], parent_run_id: str | None = None) -> list[dict[str, Any]]:
     """Fan the embedding out over the task runner: one task per block-aligned row range."""
     tracking_uri = orch.current_tracking_uri()
@@ -54,7 +57,7 @@ def embed_shards(workspace: str, params: str | None, profile: str | None, ranges
     return [future.result() for future in futures]
 
 
-@flow(name="architectures", log_prints=True)
+@flow(name="architectures", flow_run_name="evaluate-architectures", log_prints=True)
 def architectures_flow(workspace: str, params: str | None, profile: str | None, names: list[str], parent_run_id: str) -> dict[str, Any]:
     """Train (if needed) and evaluate each architecture, submitted to the task runner. One failing
     architecture does not stop the others; failures are returned, not raised."""
@@ -68,30 +71,31 @@ def architectures_flow(workspace: str, params: str | None, profile: str | None, 
     outcomes, failed = {}, {}
     for name, future in futures.items():
         try:
-            outcomes[name] = future.result()
+            outcomes[name] = orch.unwrap(future.result())
         except Exception as exc:  # noqa: BLE001 - reported by the caller
             failed[name] = f"{type(exc).__name__}: {exc}"
     return {"outcomes": outcomes, "failed": failed}
 
 
-@flow(name="refresh", log_prints=True)
+@flow(name="refresh", flow_run_name=orch.flow_run_name("refresh"), log_prints=True)
 def refresh(
     workspace: str = ".",
     params: str | None = None,
     profile: str | None = None,
     source: str | None = None,
-    parent_run_id: str | None = None,
 ) -> dict[str, Any]:
     """ingest → validate → split → chunk → embed → index → eval_retrieval. Stages whose inputs
     did not change skip themselves; a failing gate (validate, chunk) stops the flow."""
     ws, config = orch.load(workspace, params, profile)
-    record = orch.RunRecord("refresh", planned=list(REFRESH_STAGES))
+    orch.check_deployment_parameters(ws, config, params=params, source=source)
+    record = orch.RunRecord("refresh", planned=list(REFRESH_STAGES), workspace=str(ws.root))
     with orch.workspace_guard(ws, config, "refresh") as guard:
         if not guard.acquired:
             return orch.skipped(record, guard.reason)
         ranges: list[tuple[int, int]] = []
+        pid = None
         try:
-            with orch.parent_run(ws, config, "refresh", parent_run_id) as pid:
+            with orch.parent_run(ws, config, "refresh") as pid:
                 common = (workspace, params, profile, pid)
                 orch.run_recorded(record, "ingest", STAGE_TASKS["ingest"], "ingest", *common, {"source": source})
                 for stage in ("validate", "split", "chunk"):
@@ -104,28 +108,29 @@ def refresh(
                 orch.run_recorded(record, "index", STAGE_TASKS["index"], "index", *common)
                 orch.run_recorded(record, "eval_retrieval", STAGE_TASKS["eval_retrieval"], "eval_retrieval", *common, {"progress": False})
         finally:
-            result = orch.finish(record, parent_run_id=parent_run_id, embed_shards=len(ranges))
+            result = orch.finish(record, parent_run_id=pid, embed_shards=len(ranges))
     return result
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", flow_run_name=orch.flow_run_name("evaluate"), log_prints=True)
 def evaluate(
     workspace: str = ".",
     params: str | None = None,
     profile: str | None = None,
     architectures: list[str] | None = None,
-    parent_run_id: str | None = None,
 ) -> dict[str, Any]:
     """prepare_lm → every enabled architecture (train if it trains, then evaluate; fanned out on
     the configured task runner) → compare (table, Pareto plots, champion alias)."""
     ws, config = orch.load(workspace, params, profile)
+    orch.check_deployment_parameters(ws, config, params=params, source=None)
     names = list(architectures or config.enabled_architectures())
-    record = orch.RunRecord("evaluate", planned=["prepare_lm", *[f"evaluate@{n}" for n in names], "compare"])
+    record = orch.RunRecord("evaluate", planned=["prepare_lm", *[f"evaluate@{n}" for n in names], "compare"], workspace=str(ws.root))
     with orch.workspace_guard(ws, config, "evaluate") as guard:
         if not guard.acquired:
             return orch.skipped(record, guard.reason)
+        pid = None
         try:
-            with orch.parent_run(ws, config, "evaluate", parent_run_id) as pid:
+            with orch.parent_run(ws, config, "evaluate") as pid:
                 common = (workspace, params, profile, pid)
                 orch.run_recorded(record, "prepare_lm", STAGE_TASKS["prepare_lm"], "prepare_lm", *common)
                 runner = orch.make_task_runner(config)
@@ -138,11 +143,11 @@ def evaluate(
                 if fanned["failed"]:
                     raise RuntimeError("architectures failed: " + "; ".join(f"{n}: {e}" for n, e in fanned["failed"].items()))
         finally:
-            result = orch.finish(record, parent_run_id=parent_run_id)
+            result = orch.finish(record, parent_run_id=pid)
     return result
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name="pipeline", flow_run_name=orch.flow_run_name("pipeline"), log_prints=True)
 def pipeline(
     workspace: str = ".",
     params: str | None = None,
@@ -152,16 +157,17 @@ def pipeline(
 ) -> dict[str, Any]:
     """refresh then evaluate, under one MLflow parent run, holding the workspace for both."""
     ws, config = orch.load(workspace, params, profile)
-    record = orch.RunRecord("pipeline", planned=[*REFRESH_STAGES, "prepare_lm", "compare"])
+    orch.check_deployment_parameters(ws, config, params=params, source=source)
+    record = orch.RunRecord("pipeline", planned=[*REFRESH_STAGES, "prepare_lm", "compare"], workspace=str(ws.root))
     with orch.workspace_guard(ws, config, "pipeline") as guard:
         if not guard.acquired:
             return orch.skipped(record, guard.reason)
         pid = None
         try:
-            with orch.parent_run(ws, config, "pipeline", None) as pid:
+            with orch.parent_run(ws, config, "pipeline") as pid:  # the subflows log under this MLflow run
                 for name, subflow, extra in (("refresh", refresh, {"source": source}), ("evaluate", evaluate, {"architectures": architectures})):
                     try:
-                        result = subflow(workspace, params, profile, parent_run_id=pid, **extra)
+                        result = orch.unwrap(subflow(workspace, params, profile, **extra))
                     except BaseException as exc:
                         record.failed[name] = f"{type(exc).__name__}: {exc}"
                         raise

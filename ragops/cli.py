@@ -6,8 +6,10 @@ DVC stages call these same commands (see dvc.yaml); Prefect tasks call the same 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
@@ -73,11 +75,29 @@ def main_options(
     ctx.obj = State(workspace, params, profile)
 
 
-def _report(outcome) -> None:
+def _report(outcome, label: str | None = None) -> None:
+    """One line per stage; `label` names what ran (e.g. `evaluate closed_book`) when the stage name alone does not."""
     status = "[yellow]unchanged, skipped[/]" if outcome.skipped else "[green]done[/]"
     scalars = [(k, v) for k, v in outcome.summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+    scalars = [(k, v) for k, v in scalars if not k.endswith(("_ci_low", "_ci_high"))]
     stats = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars[:8])
-    console.print(f"[bold]{outcome.stage}[/]: {status}" + (f"  ({stats})" if stats else ""))
+    console.print(f"[bold]{label or outcome.stage}[/]: {status}" + (f"  ({stats})" if stats else ""))
+
+
+def _label(key: str) -> str:
+    """`evaluate@closed_book` (an outcome key) -> `evaluate closed_book`."""
+    return key.replace("@", " ")
+
+
+@contextlib.contextmanager
+def _holding_workspace(ws, config, what: str) -> Iterator[None]:
+    """Single-stage commands (and the DVC stages that call them) write the workspace too: they
+    take its lock like `ragops run` does, so they never rewrite artifacts under a running pipeline.
+    Waits `orchestration.lock_timeout_s`, then fails with one line naming the holder."""
+    from ragops.ops.lock import workspace_lock
+
+    with workspace_lock(ws, config.orchestration.lock_timeout_s, what=what):
+        yield
 
 
 def _stage_command(name: str, help_text: str):
@@ -88,7 +108,8 @@ def _stage_command(name: str, help_text: str):
         from ragops import stages
 
         ws, config = ctx.obj.load()
-        _report(stages.DATA_STAGES[name](ws, config, force=force))
+        with _holding_workspace(ws, config, f"ragops {name.replace('_', '-')}"):
+            _report(stages.DATA_STAGES[name](ws, config, force=force))
         if name == "eval_retrieval":
             print_retrieval_table(ws)
 
@@ -107,7 +128,8 @@ def ingest(
     from ragops import stages
 
     ws, config = ctx.obj.load()
-    _report(stages.ingest(ws, config, source=source, force=force))
+    with _holding_workspace(ws, config, "ragops ingest"):
+        _report(stages.ingest(ws, config, source=source, force=force))
 
 
 for _name, _help in [
@@ -133,8 +155,9 @@ def train(
     from ragops import stages
 
     ws, config = ctx.obj.load()
-    for name in architectures or config.enabled_architectures():
-        _report(stages.train_architecture(ws, config, name, force=force, restart=restart))
+    with _holding_workspace(ws, config, "ragops train"):
+        for name in architectures or config.enabled_architectures():
+            _report(stages.train_architecture(ws, config, name, force=force, restart=restart), f"train {name}")
 
 
 @app.command()
@@ -147,9 +170,10 @@ def evaluate(
     from ragops import stages
 
     ws, config = ctx.obj.load()
-    for name in architectures or config.enabled_architectures():
-        _report(stages.train_architecture(ws, config, name))
-        _report(stages.evaluate_architecture(ws, config, name, force=force))
+    with _holding_workspace(ws, config, "ragops evaluate"):
+        for name in architectures or config.enabled_architectures():
+            _report(stages.train_architecture(ws, config, name), f"train {name}")
+            _report(stages.evaluate_architecture(ws, config, name, force=force), f"evaluate {name}")
     print_architecture_table(ws, architectures or config.enabled_architectures())
 
 
@@ -162,9 +186,10 @@ def sweep(
     from ragops import stages
 
     ws, config = ctx.obj.load()
-    outcome = stages.sweep(ws, config, force=force)
+    with _holding_workspace(ws, config, "ragops sweep"):
+        outcome = stages.sweep(ws, config, force=force)
     _report(outcome)
-    console.print(f"plot: {ws.plots_dir / 'sweep.png'}")
+    console.print(f"plot: {ws.plots_dir / 'sweep.png'}", soft_wrap=True)
 
 
 @app.command()
@@ -192,10 +217,10 @@ def run(
     else:
         from ragops import stages
 
-        with workspace_lock(ws, config.orchestration.lock_timeout_s):
+        with workspace_lock(ws, config.orchestration.lock_timeout_s, what="ragops run"):
             outcomes = stages.run_pipeline(ws, config, source=source)
-        for outcome in outcomes.values():
-            _report(outcome)
+        for key, outcome in outcomes.items():
+            _report(outcome, _label(key))
     print_retrieval_table(ws)
     print_architecture_table(ws, config.enabled_architectures())
 
@@ -259,28 +284,76 @@ def print_retrieval_table(ws) -> None:
     console.print(retrieval_table({**read_json(path), **tuned}))
 
 
+#: Cost rows of the architecture table, after the quality metrics.
+COST_ROWS = (
+    "train/wall_s", "inference/wall_s", "inference/wall_s_per_1k_questions", "inference/flops",
+    "inference/tokens_prompt", "inference/cost_usd_per_1k_questions",
+)
+
+
+def _number(value: float) -> str:
+    return f"{value:.3f}" if abs(value) < 1000 else f"{value:.4g}"
+
+
+def architecture_tables(rows: dict[str, dict[str, float]], width: int = 100) -> list[Table]:
+    """The architecture comparison for the terminal: one row per metric, one column per
+    architecture, each quality cell its value over its 95% CI (two short lines). Metric names are
+    never wrapped or cut; when the architectures do not all fit in `width` columns, they are split
+    over several tables, each repeating the metric column."""
+    keys = sorted({k for m in rows.values() for k in m if "/" in k and not k.endswith(("_ci_low", "_ci_high"))
+                   and k.split("/")[0] in ("describe", "identify", "lm")})
+    costs = [key for key in COST_ROWS if any(key in m for m in rows.values())]
+    cells: dict[str, list[str]] = {}
+    for name, metrics in rows.items():
+        column = []
+        for key in keys:
+            value = metrics.get(key)
+            low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+            text = "—" if value is None else _number(value)
+            if value is not None and low is not None and high is not None:
+                text += f"\n[dim][{_number(low)}, {_number(high)}][/]"
+            column.append(text)
+        column += [f"{metrics[key]:.4g}" if key in metrics else "—" for key in costs]
+        cells[name] = column
+    labels = keys + costs
+    label_width = max([len("metric"), *(len(k) for k in labels)])
+
+    def cell_width(name: str) -> int:
+        lines = [line.replace("[dim]", "").replace("[/]", "") for text in cells[name] for line in text.split("\n")]
+        return max([len(name), *(len(line) for line in lines)])
+
+    # Rich draws a box: 1 border + (1 padding + text + 1 padding + 1 border) per column.
+    groups: list[list[str]] = [[]]
+    used = 1 + label_width + 3
+    for name in rows:
+        need = cell_width(name) + 3
+        if groups[-1] and used + need > width:
+            groups.append([])
+            used = 1 + label_width + 3
+        groups[-1].append(name)
+        used += need
+    tables = []
+    for number, group in enumerate(groups, 1):
+        title = "architectures (95% bootstrap CI)" + (f" ({number}/{len(groups)})" if len(groups) > 1 else "")
+        table = Table(title=title)
+        table.add_column("metric", no_wrap=True, min_width=label_width)
+        for name in group:
+            table.add_column(name, justify="right", no_wrap=True)
+        for index, key in enumerate(labels):
+            style = "dim" if key in costs else None
+            table.add_row(key, *[cells[name][index] for name in group], style=style)
+        tables.append(table)
+    return tables
+
+
 def print_architecture_table(ws, names: list[str]) -> None:
     from ragops.io import read_json
 
     rows = {name: read_json(ws.metrics_file(name)) for name in names if ws.metrics_file(name).exists()}
     if not rows:
         return
-    keys = sorted({k for m in rows.values() for k in m if "/" in k and not k.endswith(("_ci_low", "_ci_high"))
-                   and k.split("/")[0] in ("describe", "identify", "lm")})
-    table = Table(title="architectures (95% bootstrap CI)")
-    table.add_column("metric")
-    for name in rows:
-        table.add_column(name, justify="right")
-    for key in keys:
-        cells = []
-        for metrics in rows.values():
-            value = metrics.get(key)
-            low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
-            cells.append("—" if value is None else f"{value:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else ""))
-        table.add_row(key, *cells)
-    for key in ("train/wall_s", "inference/wall_s", "inference/wall_s_per_1k_questions", "inference/flops", "inference/tokens_prompt", "inference/cost_usd_per_1k_questions"):
-        table.add_row(f"[dim]{key}[/]", *[f"{m[key]:.4g}" if key in m else "—" for m in rows.values()])
-    console.print(table)
+    for table in architecture_tables(rows, width=console.width):
+        console.print(table)
 
 
 def main() -> None:

@@ -48,35 +48,50 @@ def _latest_compare_url(base_url: str, experiment: str) -> str | None:
     return mlflow_compare_url(base_url, list(df["run_id"]), [df.attrs["experiment_id"]])
 
 
+def _link(text: str) -> None:
+    """Print a line that holds a URL or a path: never hard-wrapped (a wrapped link cannot be
+    clicked or copied), the terminal folds it if it must."""
+    console.print(text, soft_wrap=True)
+
+
 @app.command()
 def server(
     ctx: typer.Context,
-    port: Annotated[int, typer.Option("--port", help="Prefect server port on 127.0.0.1.")] = 4200,
+    port: Annotated[int, typer.Option("--port", help="Prefect server port.")] = 4200,
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on. Beyond 127.0.0.1 it needs an auth string: PREFECT_SERVER_API_AUTH_STRING=user:password (clients: PREFECT_API_AUTH_STRING).")] = "127.0.0.1",
     ui_port: Annotated[Optional[int], typer.Option("--ui-port", help="Also start the MLflow UI on this port.")] = None,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the scheduled deployments (refresh nightly, evaluate weekly).")] = True,
 ) -> None:
     """Start a Prefect server on 127.0.0.1 (state in .prefect/), register and serve the deployments
-    from params.yaml (orchestration.deployments). Ctrl-C stops everything it started."""
+    from params.yaml (orchestration.deployments). Ctrl-C stops everything it started.
+
+    The server answers only its own origins and host names, checks CSRF tokens, and refuses to
+    listen beyond loopback without an auth string. Served flow runs refuse a workspace other than
+    this one and a corpus source outside it (or params.yaml's ingest.source)."""
     from ragops.errors import RagopsError
-    from ragops.ops.servers import running_server, start_mlflow_server, start_prefect_server, stop_all
+    from ragops.ops.servers import prefect_server_security, running_server, start_mlflow_server, start_prefect_server, stop_all
 
     ws, config = ctx.obj.load()
+    auth_string = os.environ.get("PREFECT_SERVER_API_AUTH_STRING") or None
+    prefect_server_security(host, port, auth_string)  # refuse an unauthenticated public bind before anything starts
     if running := running_server(ws, "prefect"):
         raise RagopsError(f"a ragops Prefect server for {ws.root} is already running at {running} (stop it with Ctrl-C in its shell)")
     started = []
     with _interruptible():
         try:
-            console.print(f"starting the Prefect server on 127.0.0.1:{port} (state: {ws.root / '.prefect'}) …")
-            prefect = start_prefect_server(ws, port=port)
+            _link(f"starting the Prefect server on {host}:{port} (state: {ws.root / '.prefect'}) …")
+            prefect = start_prefect_server(ws, port=port, host=host, auth_string=auth_string)
             started.append(prefect)
-            console.print(f"[bold green]Prefect UI[/]: {prefect.url}   (deployments: {prefect.url}/deployments, log: {prefect.log_path})")
+            _link(f"[bold green]Prefect UI[/]: {prefect.url}   (deployments: {prefect.url}/deployments, log: {prefect.log_path})")
             if ui_port:
                 mlflow_ui = start_mlflow_server(ws, port=ui_port)
                 started.append(mlflow_ui)
-                console.print(f"[bold green]MLflow UI[/]: {mlflow_ui.url}   (log: {mlflow_ui.log_path})")
+                _link(f"[bold green]MLflow UI[/]: {mlflow_ui.url}   (log: {mlflow_ui.log_path})")
             api = f"{prefect.url}/api"
-            console.print(f"other shells: [cyan]export PREFECT_API_URL={api}[/]  (then: prefect deployment ls)")
+            _link(f"other shells: [cyan]export PREFECT_API_URL={api}[/]  (then: prefect deployment ls)")
             os.environ["PREFECT_API_URL"] = api  # for the flow-run processes the runner starts
+            if auth_string:
+                os.environ["PREFECT_API_AUTH_STRING"] = auth_string  # this process is a client of its own server
             if serve:
                 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -110,14 +125,14 @@ def ui(
         console.print(f"starting the MLflow UI on 127.0.0.1:{port} …")
         mlflow_ui = start_mlflow_server(ws, port=port)
         try:
-            console.print(f"[bold green]MLflow UI[/]: {mlflow_ui.url}   (log: {mlflow_ui.log_path})")
+            _link(f"[bold green]MLflow UI[/]: {mlflow_ui.url}   (log: {mlflow_ui.log_path})")
             compare_url = _latest_compare_url(mlflow_ui.url, config.tracking.experiment)
             if compare_url:
-                console.print(f"compare the latest architectures: {compare_url}")
+                _link(f"compare the latest architectures: {compare_url}")
             console.print("Ctrl-C to stop")
             while mlflow_ui.process.poll() is None:
                 time.sleep(1)
-            err_console.print(f"[red]the MLflow server exited[/] (log: {mlflow_ui.log_path})")
+            err_console.print(f"[red]the MLflow server exited[/] (log: {mlflow_ui.log_path})", soft_wrap=True)
         except KeyboardInterrupt:
             pass
         finally:
@@ -164,9 +179,11 @@ def compare(
         summary = {"parent_run_id": df.attrs.get("parent_run_id"), "display": format_table(comparison_table(df)) if not df.empty else []}
     else:
         from ragops import stages
+        from ragops.ops.lock import workspace_lock
 
-        summary = stages.compare(ws, config, parent_run_id=parent).summary
+        with workspace_lock(ws, config.orchestration.lock_timeout_s, what="ragops compare"):
+            summary = stages.compare(ws, config, parent_run_id=parent).summary
     print_comparison(summary)
     for path in summary.get("files") or []:
         if path.endswith((".png", ".html")):
-            console.print(f"plot: {path}")
+            _link(f"plot: {path}")

@@ -4,6 +4,10 @@ Why: Prefect would otherwise write to ~/.prefect and time out starting its ephem
 loaded 2-core machine; MLflow 3.x refuses a plain ./mlruns file store and would drop mlflow.db in
 whatever directory it is started from; every tool phones home by default; Hugging Face libraries
 would try the hub. Values already set by the user win (setdefault).
+
+Prefect sends flow-run logs to its API (the UI shows them), `ragops` loggers included; lines
+logged outside a flow run (plain `ragops run`) are not sent anywhere but the terminal. MLflow's
+system metrics are sampled every 15 s: ragops' long runs last minutes.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ def configure_environment(root: str | Path = ".") -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_LOGGING_EXTRA_LOGGERS": "ragops",
-        "PREFECT_LOGGING_TO_API_ENABLED": "false",
+        "PREFECT_LOGGING_TO_API_ENABLED": "true",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
         "MLFLOW_TRACKING_URI": tracking_uri(root),
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "15",
         "DO_NOT_TRACK": "true",
         "GX_ANALYTICS_ENABLED": "false",
         "DVC_NO_ANALYTICS": "1",

@@ -2,6 +2,12 @@
 
 A failed stage must never leave a half-written index, model or corpus behind: every output is
 written into a temporary sibling and renamed into place only when complete.
+
+Temporary siblings are named after the writing process (`.<name>.tmp-<pid>-<random>`, and
+`.<name>.old-<pid>` for the previous version of a directory during its swap). A process killed
+with SIGKILL cannot clean up after itself: the next write of the same target removes what dead
+processes left behind, and restores the previous version if the kill fell between the two
+renames of a swap (the target is then missing and its `.old-<pid>` backup is complete).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -28,12 +35,58 @@ def _public(path: Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp-(?P<tmp_pid>\d+)-.*|old-(?P<old_pid>\d+))$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-{os.getpid()}-"
+
+
+def clean_leftovers(target: str | Path) -> list[Path]:
+    """Remove the temporary siblings of `target` left by dead processes (killed mid-write), after
+    restoring `target` from a dead swap's `.old-<pid>` backup when `target` itself is missing.
+    Siblings of live processes (a concurrent writer) are left alone. Returns what was removed."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    removed = []
+    for path in sorted(target.parent.iterdir()):
+        match = _LEFTOVER.match(path.name)
+        if not match or match["name"] != target.name:
+            continue
+        pid = int(match["tmp_pid"] or match["old_pid"])
+        if _pid_alive(pid):
+            continue
+        if match["old_pid"] and not target.exists():
+            os.replace(path, target)  # killed between the two renames: the backup is the last good version
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `target` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    clean_leftovers(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), dir=target.parent))
     _public(tmp, directory=True)
     try:
         yield tmp
@@ -52,7 +105,8 @@ def atomic_file(target: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary sibling of `target` for writing; rename it over `target` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    clean_leftovers(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=_tmp_prefix(target), dir=target.parent)
     tmp = Path(tmp_name)
     _public(tmp)
     try:
@@ -69,7 +123,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path for a library that writes files itself (pandas, faiss); renamed on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", suffix=target.suffix, dir=target.parent)
+    clean_leftovers(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=target.suffix, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     _public(tmp)

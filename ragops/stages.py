@@ -97,7 +97,8 @@ def _run_stage(
             context = _Context(run, meter)
             body(context)
         numeric = {k: v for k, v in context.stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        run.log_metrics({f"{stage}/{k}" if "/" not in k else k: v for k, v in numeric.items()})
+        # log_results: CI bounds (an architecture's `<metric>_ci_low/_ci_high`) go to a table and tags, not charts.
+        run.log_results({f"{stage}/{k}" if "/" not in k else k: v for k, v in numeric.items()})
         write_json(manifest, {"stage": stage, "fingerprint": fingerprint, "stats": _deterministic(context.stats)})
         _remember_run(ws, out_dir, run.run_id)
         return StageOutcome(stage, False, context.stats, run.run_id)
@@ -306,6 +307,7 @@ def split(ws: Workspace, config: Config, *, parent_run_id: str | None = None, fo
         with atomic_dir(ws.benchmark_dir) as tmp:
             heldout.to_parquet(tmp / "heldout.parquet", index=False)
             questions.to_parquet(tmp / "questions.parquet", index=False)
+        _log_benchmark_inputs(ctx.run, ws, questions, heldout, context="benchmark")
         counts = questions.groupby(["task", "split"]).size()
         ctx.stats.update(heldout_docs=len(heldout), questions=len(questions))
         ctx.stats.update({f"{task}_{split_name}": int(n) for (task, split_name), n in counts.items()})
@@ -313,6 +315,12 @@ def split(ws: Workspace, config: Config, *, parent_run_id: str | None = None, fo
     return _run_stage(
         "split", ws, config, **_spec_split(ws, config), body=body, parent_run_id=parent_run_id, force=force,
     )
+
+
+def _log_benchmark_inputs(run: TrackedRun, ws: Workspace, questions, heldout, *, context: str) -> None:
+    """The benchmark split as MLflow dataset inputs of `run` (same digests in every run that used it)."""
+    run.log_dataset(questions, name="benchmark-questions", source=ws.questions, context=context, targets="answer")
+    run.log_dataset(heldout, name="benchmark-heldout", source=ws.heldout, context=context)
 
 
 def chunk(ws: Workspace, config: Config, *, parent_run_id: str | None = None, force: bool = False) -> StageOutcome:
@@ -613,8 +621,11 @@ def train_cost(ws: Workspace, name: str) -> dict[str, float]:
 def evaluate_architecture(
     ws: Workspace, config: Config, name: str, *, parent_run_id: str | None = None, force: bool = False, progress: bool = True
 ) -> StageOutcome:
+    import pandas as pd
+
     from ragops.architectures import registry
     from ragops.evaluation import run_architecture
+    from ragops.resources import encoder_name, lm_name
 
     from ragops.architectures.base import code_fingerprint
 
@@ -630,7 +641,7 @@ def evaluate_architecture(
     retriever = getattr(options, "retriever", None)
     tags = {
         "architecture": name, "family": cls.family, "finetune": cls.finetune,
-        "lm_model": config.lm.model, "retriever": retriever or "none", "encoder": config.embed.model,
+        "lm_model": lm_name(config.lm.model), "retriever": retriever or "none", "encoder": encoder_name(config.embed.model),
     }
 
     def body(ctx: _Context) -> None:
@@ -645,10 +656,12 @@ def evaluate_architecture(
             **infer_meter.metrics(*ctx.run.cost_rates),
         }
         write_json(metrics_file, metrics)
-        ctx.run.log_metrics({**result.metrics, **train_cost(ws, name)})
+        ctx.run.log_metrics(train_cost(ws, name))  # the quality metrics (and their CIs) are logged by _run_stage
+        _log_benchmark_inputs(ctx.run, ws, pd.read_parquet(ws.questions), pd.read_parquet(ws.heldout), context="evaluation")
         ctx.run.log_artifact(ws.eval_dir(name) / "predictions.parquet", "predictions")
+        ctx.run.log_table(result.predictions, "predictions/predictions.json")
         ctx.run.log_dict(result.info, "info.json")
-        ctx.stats.update(result.metrics)
+        ctx.stats.update(result.metrics)  # logged by _run_stage
 
     params = {
         "architecture": name, "options": options.model_dump(mode="json"),
@@ -667,7 +680,7 @@ def evaluate_architecture(
         with tracked_run(ws, config, name, kind="architecture", parent_run_id=parent_run_id,
                          tags={**tags, **({"ragops.reused_from": outcome.run_id} if outcome.run_id else {})},
                          params=params) as run:
-            run.log_metrics(read_json(metrics_file))
+            run.log_results(read_json(metrics_file))
             outcome.run_id = run.run_id
     return outcome
 

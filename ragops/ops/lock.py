@@ -6,7 +6,10 @@ collides with a manual one skips instead of corrupting artifacts.
 
 The lock is re-entrant within one thread of one process: a `pipeline` flow holds it and the
 `refresh` and `evaluate` subflows it calls (same thread) take it again without blocking. Another
-thread or process blocks on the OS lock as it should.
+thread or process blocks on the OS lock as it should, except a descendant process of the holder
+(e.g. a `ragops <stage>` that a `dvc repro` started by the holder runs): the holder exports
+$RAGOPS_WORKSPACE_LOCK, and a process whose ancestor holds the lock works under it instead of
+waiting for its own parent (a deadlock).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from filelock import FileLock, Timeout
 
 from ragops.errors import RagopsError
 from ragops.paths import Workspace
+
+
+LOCK_ENV = "RAGOPS_WORKSPACE_LOCK"
 
 
 class WorkspaceBusy(RagopsError):
@@ -62,6 +68,27 @@ def _describe_holder(ws: Workspace) -> str:
     return f"'{holder.get('what', 'a run')}' (pid {holder.get('pid')} on {holder.get('host')}, since {since})"
 
 
+def _held_by_ancestor(ws: Workspace) -> bool:
+    """True when $RAGOPS_WORKSPACE_LOCK names this workspace's lock and a live ancestor of this
+    process that the holder file confirms holds it."""
+    try:
+        inherited = json.loads(os.environ.get(LOCK_ENV) or "{}")
+        pid = int(inherited.get("pid", 0))
+    except (ValueError, TypeError, AttributeError):
+        return False
+    if inherited.get("lock") != str(ws.lock_file) or not pid or pid == os.getpid():
+        return False
+    holder = lock_holder(ws) or {}
+    if holder.get("pid") != pid or holder.get("host") != socket.gethostname():
+        return False
+    import psutil
+
+    try:
+        return pid in {parent.pid for parent in psutil.Process().parents()}
+    except psutil.Error:
+        return False
+
+
 @contextlib.contextmanager
 def workspace_lock(ws: Workspace, timeout_s: float = 0, what: str = "ragops") -> Iterator[bool]:
     """Hold the workspace lock for the block; yields True when this call took the OS lock, False
@@ -83,6 +110,9 @@ def workspace_lock(ws: Workspace, timeout_s: float = 0, what: str = "ragops") ->
             with _registry_lock:
                 _held[key].depth -= 1
         return
+    if _held_by_ancestor(ws):
+        yield False  # the process that started us holds it for us
+        return
 
     ws.lock_file.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(ws.lock_file), thread_local=False, is_singleton=False)
@@ -95,12 +125,18 @@ def workspace_lock(ws: Workspace, timeout_s: float = 0, what: str = "ragops") ->
         ) from None
     with _registry_lock:
         _held[key] = _Held(lock, me, 1)
+    previous_env = os.environ.get(LOCK_ENV)
     try:
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "what": what}
         with contextlib.suppress(OSError):
             _holder_file(ws.lock_file).write_text(json.dumps(holder), encoding="utf-8")
+        os.environ[LOCK_ENV] = json.dumps({"lock": key, "pid": os.getpid()})  # for processes we start
         yield True
     finally:
+        if previous_env is None:
+            os.environ.pop(LOCK_ENV, None)
+        else:
+            os.environ[LOCK_ENV] = previous_env
         with _registry_lock:
             _held.pop(key, None)
         with contextlib.suppress(OSError):

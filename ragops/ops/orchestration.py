@@ -3,6 +3,13 @@ workspace guard (file lock + Prefect global concurrency limit), stage invocation
 artifacts (markdown summary, statistics and comparison tables).
 
 The flows stay thin: every task calls one `ragops.stages` function through `call_stage`.
+
+What a Prefect user sees: flow runs named by what they do (`pipeline-smoke-20261202-0300`), one
+task run per stage, stages whose inputs did not change in a distinct `Skipped` state (a kind of
+Completed), ragops' own log lines in each run's logs, and artifacts: a markdown summary, tables,
+and a link to the MLflow run. The MLflow parent run id is passed to subflows internally (a context
+variable), never as a deployment parameter. Runs started from a deployment check their parameters
+(`check_deployment_parameters`): the server has no say over which folders a flow run may touch.
 """
 
 from __future__ import annotations
@@ -11,11 +18,13 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from ragops.errors import ConfigError
 from ragops.ops.lock import WorkspaceBusy, workspace_lock
 from ragops.paths import Workspace
 
@@ -50,6 +59,11 @@ def load(workspace: str | Path = ".", params: str | Path | None = None, profile:
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     configure_environment(ws.root)
+    # Prefect attaches its handlers (console, API) to the `ragops` logger but leaves its level at
+    # the root's WARNING: the stages' INFO lines ("index: running") would not reach the run's logs.
+    ragops_logger = logging.getLogger("ragops")
+    if ragops_logger.level == logging.NOTSET or ragops_logger.level > logging.INFO:
+        ragops_logger.setLevel(logging.INFO)
     return ws, load_config(params or ws.params, profile)
 
 
@@ -82,17 +96,106 @@ def call_stage(
     return outcome_dict(function(ws, config, parent_run_id=parent_run_id, **(options or {})))
 
 
+def stage_task(*args: Any, **kwargs: Any):
+    """`call_stage` as a Prefect task body: a stage that skipped itself (inputs unchanged) ends in
+    a Completed state named `Skipped`, so the UI tells it from one that ran. Callers get the
+    outcome dict back through `unwrap`."""
+    from prefect.states import Completed
+
+    outcome = call_stage(*args, **kwargs)
+    if outcome.get("skipped"):
+        return Completed(name="Skipped", message="inputs and parameters unchanged", data=outcome)
+    return outcome
+
+
+def unwrap(value: Any) -> Any:
+    """The data of a task's or flow's returned State (see `stage_task`), or the value itself."""
+    from prefect.states import State
+
+    return value.result() if isinstance(value, State) else value
+
+
+#: The MLflow parent run of the flow run in progress, for its subflows (never a flow parameter:
+#: a deployment would show it, and a caller could attach runs to any run id).
+_parent_run_id: ContextVar[str | None] = ContextVar("ragops_parent_run_id", default=None)
+
+
 @contextlib.contextmanager
-def parent_run(ws: Workspace, config, name: str, parent_run_id: str | None) -> Iterator[str]:
-    """The MLflow parent run id for a flow: the given one (a subflow of `pipeline`), or a new
-    `ragops.kind=pipeline` run named after the flow."""
-    if parent_run_id:
-        yield parent_run_id
+def parent_run(ws: Workspace, config, name: str) -> Iterator[str]:
+    """The MLflow parent run id for a flow: the enclosing flow's (a subflow of `pipeline`), or a
+    new `ragops.kind=pipeline` run named after the flow."""
+    inherited = _parent_run_id.get()
+    if inherited:
+        yield inherited
         return
     from ragops.tracking import pipeline_run
 
     with pipeline_run(ws, config, name) as run:
-        yield run.run_id
+        token = _parent_run_id.set(run.run_id)
+        try:
+            yield run.run_id
+        finally:
+            _parent_run_id.reset(token)
+
+
+def flow_run_name(flow: str) -> Callable[[], str]:
+    """A `flow_run_name` callable: `<flow>-<profile>-<YYYYmmdd-HHMMSS>` (the profile resolved from
+    the run's `profile` parameter or its params.yaml), instead of Prefect's random names."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        parameters = flow_run.parameters or {}
+        profile = parameters.get("profile")
+        if not profile:
+            try:
+                from ragops.params import load_config
+
+                workspace = Workspace(parameters.get("workspace") or ".")
+                profile = load_config(parameters.get("params") or workspace.params).profile
+            except Exception:  # noqa: BLE001 - a name must never fail a run; the run reports a bad config itself
+                profile = "unknown-profile"
+        return f"{flow}-{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    return name
+
+
+def check_deployment_parameters(ws: Workspace, config, *, params: str | None, source: str | None) -> None:
+    """Refuse parameters a deployment run must not take (anyone who can reach the Prefect server
+    can start a deployment with any parameters): a workspace other than the deployment's own, a
+    params file outside it, a corpus source outside the workspace and params.yaml's own
+    `ingest.source`. Direct flow calls (`ragops run --prefect`) are the caller's choice: not checked."""
+    from prefect.runtime import deployment
+
+    if not deployment.id:
+        return
+    defaults = deployment.parameters or {}
+    own = Workspace(defaults.get("workspace") or ".")
+    if ws.root != own.root:
+        raise ConfigError(
+            f"workspace '{ws.root}': deployment '{deployment.name}' runs only on its own workspace {own.root}"
+        )
+    if params and not _inside(Path(params), ws.root) and params != defaults.get("params"):
+        raise ConfigError(f"params '{params}': deployment '{deployment.name}' takes a params file inside {ws.root} only")
+    if source and source != "default":
+        allowed = [ws.root]
+        for configured in (config.ingest.source, defaults.get("source")):
+            if configured and configured != "default":
+                allowed.append(_resolve(configured, ws.root))
+        if not any(_inside(_resolve(source, ws.root), root) for root in allowed):
+            raise ConfigError(
+                f"source '{source}': deployment '{deployment.name}' ingests only from {', '.join(str(r) for r in allowed)} "
+                "(set ingest.source in params.yaml to allow another folder)"
+            )
+
+
+def _resolve(path: str, root: Path) -> Path:
+    candidate = Path(path).expanduser()
+    return (candidate if candidate.is_absolute() else root / candidate).resolve()
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return _resolve(str(path), root).is_relative_to(root.resolve())
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -124,13 +227,31 @@ def make_task_runner(config):
     - `thread`: a one-thread pool: tasks still go through the task runner (and show in the UI),
       but run one at a time. Torch already uses every core inside one task, and concurrent tasks
       in one process would count each other's CPU time in their cost meters.
+
+    Dask's `tcp://` protocol has neither authentication nor encryption: anyone who reaches the
+    scheduler can run code on the workers. Use a `tls://` address; the client's certificates come
+    from Dask's configuration (`DASK_DISTRIBUTED__COMM__TLS__CA_FILE`,
+    `DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT`, `DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY`, or
+    the same keys in ~/.config/dask/*.yaml), with the scheduler started with `--tls-ca-file`,
+    `--tls-cert`, `--tls-key` (mutual TLS: it accepts only clients whose certificate the CA signed).
     """
     orchestration = config.orchestration
     if orchestration.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
         if orchestration.dask_address:
-            return DaskTaskRunner(address=orchestration.dask_address)
+            address = orchestration.dask_address
+            if address.startswith("tls://"):
+                return DaskTaskRunner(address=address, client_kwargs={"security": dask_security(address)})
+            host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+            from ragops.ops.servers import is_loopback
+
+            if not is_loopback(host):
+                log.warning(
+                    "orchestration.dask_address %s: Dask's tcp:// protocol is unauthenticated and unencrypted "
+                    "(anyone who reaches the scheduler can run code on its workers); use a tls:// address", address,
+                )
+            return DaskTaskRunner(address=address)
         return DaskTaskRunner(
             cluster_kwargs={
                 "n_workers": orchestration.dask_workers,
@@ -143,6 +264,27 @@ def make_task_runner(config):
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=1)
+
+
+def dask_security(address: str):
+    """The client's `distributed.Security` for a `tls://` scheduler, from Dask's configuration;
+    a one-line ConfigError naming the missing settings when the certificates are not configured."""
+    from distributed import Security
+
+    security = Security(require_encryption=True)
+    missing = [
+        env for field_name, env in (
+            ("tls_ca_file", "DASK_DISTRIBUTED__COMM__TLS__CA_FILE"),
+            ("tls_client_cert", "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT"),
+            ("tls_client_key", "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY"),
+        ) if not getattr(security, field_name)
+    ]
+    if missing:
+        raise ConfigError(
+            f"params.yaml: orchestration.dask_address {address}: a tls:// scheduler needs the client's CA file, "
+            f"certificate and key in Dask's configuration (missing: {', '.join(missing)})"
+        )
+    return security
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,6 +380,8 @@ class RunRecord:
     planned: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     note: str | None = None
+    workspace: str | None = None
+    mlflow_run_id: str | None = None
 
     def add(self, outcome: dict[str, Any], label: str | None = None) -> dict[str, Any]:
         self.outcomes.append({**outcome, "label": label or outcome["stage"]})
@@ -274,6 +418,7 @@ def summary_markdown(record: RunRecord) -> str:
         lines += [f"> {record.note}", ""]
     lines += [
         f"- duration: {time.time() - record.started:.1f} s",
+        f"- MLflow run: {mlflow_run_line(record)}",
         f"- ran (inputs changed): {len(ran)}, skipped (unchanged): {len(skipped)}, failed: {len(record.failed)}",
         "",
         "| stage | status | details |",
@@ -295,6 +440,40 @@ def summary_markdown(record: RunRecord) -> str:
     if skipped:
         lines += ["", "**Unchanged:** " + ", ".join(o["label"] for o in skipped) + " (content hash matched their manifest)."]
     return "\n".join(lines) + "\n"
+
+
+def mlflow_run_page(record: RunRecord) -> str | None:
+    """The MLflow UI page of the run's MLflow parent run, when a UI is known: a tracking server
+    (MLFLOW_TRACKING_URI=http...) or the `ragops ui` / `ragops server --ui-port` of this workspace."""
+    if not record.mlflow_run_id:
+        return None
+    base = None
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://")):
+        base = uri
+    elif record.workspace:
+        from ragops.ops.servers import running_server
+
+        base = running_server(Workspace(record.workspace), "mlflow")
+    if not base:
+        return None
+    try:
+        import mlflow
+
+        experiment_id = mlflow.MlflowClient().get_run(record.mlflow_run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - a link is a convenience
+        return None
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{record.mlflow_run_id}"
+
+
+def mlflow_run_line(record: RunRecord) -> str:
+    if not record.mlflow_run_id:
+        return "none"
+    page = mlflow_run_page(record)
+    if page:
+        return f"[{record.mlflow_run_id}]({page})"
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return f"`{record.mlflow_run_id}` in `{uri}` (open the UI with `ragops ui`)"
 
 
 def stats_table(record: RunRecord, stages: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -327,10 +506,17 @@ def artifact_key(*parts: str) -> str:
 def publish_artifacts(record: RunRecord) -> dict[str, str]:
     """Prefect artifacts of this run (keys lowercase letters, digits, dashes):
     `ragops-<flow>-summary` (markdown), `ragops-corpus-stats`, `ragops-index-stats` and
-    `ragops-comparison` (tables, when the run produced them). Returns {key: kind}."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    `ragops-comparison` (tables, when the run produced them), `ragops-<flow>-mlflow-run` (a link,
+    when an MLflow UI is known). Returns {key: kind}."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
     made = {}
+    page = mlflow_run_page(record)
+    if page:
+        key = artifact_key("ragops", record.flow, "mlflow-run")
+        create_link_artifact(page, link_text=f"MLflow run {record.mlflow_run_id}", key=key,
+                             description=f"ragops {record.flow}: the MLflow parent run (stages and architectures are its children)")
+        made[key] = "link"
     key = artifact_key("ragops", record.flow, "summary")
     create_markdown_artifact(summary_markdown(record), key=key, description=f"ragops {record.flow}: what ran, what was skipped")
     made[key] = "markdown"
@@ -352,7 +538,7 @@ def publish_artifacts(record: RunRecord) -> dict[str, str]:
 def run_recorded(record: RunRecord, label: str, function, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Call a task (or subflow) returning an outcome dict; record it, or record its failure and re-raise."""
     try:
-        outcome = function(*args, **kwargs)
+        outcome = unwrap(function(*args, **kwargs))
     except BaseException as exc:
         record.failed[label] = f"{type(exc).__name__}: {exc}"
         raise
@@ -361,6 +547,7 @@ def run_recorded(record: RunRecord, label: str, function, *args: Any, **kwargs: 
 
 def finish(record: RunRecord, **extra: Any) -> dict[str, Any]:
     """Publish the run's artifacts (never failing the run over an artifact) and return its result."""
+    record.mlflow_run_id = record.mlflow_run_id or extra.get("parent_run_id")
     try:
         artifacts = publish_artifacts(record)
     except Exception as error:  # noqa: BLE001 - artifacts are a report, not the work
@@ -369,10 +556,12 @@ def finish(record: RunRecord, **extra: Any) -> dict[str, Any]:
     return {**record.as_dict(), "artifacts": artifacts, **extra}
 
 
-def skipped(record: RunRecord, reason: str | None) -> dict[str, Any]:
-    """The result of a run that found the workspace busy: logged, summarised, Completed."""
+def skipped(record: RunRecord, reason: str | None):
+    """The end of a run that found the workspace busy: logged, summarised, and a Completed state
+    named `Skipped` (its data: the usual result dict, with `skipped` and `reason`)."""
     from prefect import get_run_logger
+    from prefect.states import Completed
 
     record.note = f"skipped: {reason}"
     get_run_logger().warning("ragops %s skipped: %s", record.flow, reason)
-    return finish(record, skipped=True, reason=reason)
+    return Completed(name="Skipped", message=reason, data=finish(record, skipped=True, reason=reason))

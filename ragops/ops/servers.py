@@ -1,16 +1,23 @@
 """Start and stop the local servers ragops uses: a Prefect server (schedules, UI) and an MLflow
 tracking server / UI on the project's SQLite store.
 
-Every server runs in its own process group (`start_new_session=True`), listens on 127.0.0.1 only,
-writes its log to `.cache/ragops/servers/<name>-<port>.log`, and is stopped by signalling the whole
+Every server runs in its own process group (`start_new_session=True`), listens on 127.0.0.1 by
+default, writes its log to `.cache/ragops/servers/<name>-<port>.log`, and is stopped by signalling the whole
 group: SIGINT first (the Prefect worker/runner ignores SIGTERM), then SIGTERM, then SIGKILL. This
 also takes down the helpers those servers spawn (uvicorn workers, MLflow's `huey_consumer` job
 processes) which would otherwise be orphaned.
+
+The Prefect server has no authentication of its own, and anything that can reach it can start a
+deployment. So it is hardened: CORS origins are the server's own URLs (not `*`), CSRF protection
+is on, a `Host` other than the server's names is refused (DNS rebinding), and binding beyond the
+loopback interface is refused without an auth string (`PREFECT_SERVER_API_AUTH_STRING`; clients
+set the same value in `PREFECT_API_AUTH_STRING`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -186,6 +193,40 @@ class ServerProcess:
         self.stop()
 
 
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and `localhost`."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def prefect_server_security(host: str, port: int, auth_string: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """The Prefect settings (environment) and allowed `Host` names of a server bound to `host:port`.
+
+    Raises ServerError for a non-loopback `host` without an auth string."""
+    loopback = is_loopback(host)
+    if not loopback and not auth_string:
+        raise ServerError(
+            f"refusing to serve Prefect on {host}: beyond 127.0.0.1 anyone who can reach the port could start "
+            "deployments. Set an auth string (PREFECT_SERVER_API_AUTH_STRING=user:password, or --auth-string; "
+            "clients then set PREFECT_API_AUTH_STRING to the same value)"
+        )
+    names = ["127.0.0.1", "localhost"] + ([] if loopback else [host, socket.gethostname(), socket.getfqdn()])
+    names = list(dict.fromkeys(n for n in names if n and n not in ("0.0.0.0", "::")))
+    env = {
+        "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": ",".join(f"http://{name}:{port}" for name in names),
+        "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true",
+    }
+    if auth_string:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
+    # Bound to every interface, the names clients use are unknowable here: the auth string guards it.
+    allowed_hosts = names if loopback or host not in ("0.0.0.0", "::") else ["*"]
+    return env, allowed_hosts
+
+
 def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -223,15 +264,21 @@ def start_prefect_server(
     ws: Workspace,
     *,
     port: int | None = None,
+    host: str = HOST,
+    auth_string: str | None = None,
     prefect_home: str | Path | None = None,
     log_dir: str | Path | None = None,
     extra_env: dict[str, str] | None = None,
     timeout_s: float = 180,
     wait: bool = True,
 ) -> ServerProcess:
-    """`prefect server start --host 127.0.0.1 --port P` with PREFECT_HOME inside the project
-    (`.prefect/`, the SQLite database lives there). Returns once `/api/health` answers."""
+    """The Prefect server (API, UI, scheduler) on `host:port` (default 127.0.0.1) with PREFECT_HOME
+    inside the project (`.prefect/`, the SQLite database lives there), hardened as the module says
+    (`ragops.ops.prefect_app`). `auth_string` defaults to $PREFECT_SERVER_API_AUTH_STRING and is
+    required beyond loopback. Returns once `/api/health` answers."""
+    auth_string = auth_string or os.environ.get("PREFECT_SERVER_API_AUTH_STRING") or None
     port = port or free_port()
+    security_env, allowed_hosts = prefect_server_security(host, port, auth_string)
     if port_in_use(port):
         raise ServerError(f"port {port} on {HOST} is already in use (choose another with --port)")
     home = Path(prefect_home or ws.root / ".prefect").resolve()
@@ -240,16 +287,19 @@ def start_prefect_server(
         {
             "PREFECT_HOME": str(home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_SERVER_API_HOST": HOST,
+            "PREFECT_SERVER_API_HOST": host,
             "PREFECT_SERVER_API_PORT": str(port),
             "PREFECT_LOGGING_LEVEL": "WARNING",
+            "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+            **security_env,
             **(extra_env or {}),
         }
     )
     env.pop("PREFECT_API_URL", None)  # the server must not try to talk to another server
-    url = f"http://{HOST}:{port}"
+    local = HOST if host in ("0.0.0.0", "::") or is_loopback(host) else host
+    url = f"http://{local}:{port}"
     log_path = Path(log_dir or servers_dir(ws)) / f"prefect-{port}.log"
-    argv = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port), "--analytics-off"]
+    argv = [sys.executable, "-m", "ragops.ops.prefect_app", "--host", host, "--port", str(port), "--allowed-hosts", ",".join(allowed_hosts)]
     server = ServerProcess(
         "prefect server", url, f"{url}/api/health", _spawn("prefect server", argv, env, log_path, ws.root), log_path, port,
         state_path=state_file(ws, "prefect"),
