@@ -86,8 +86,8 @@ def refresh(
 ) -> dict[str, Any]:
     """ingest → validate → split → chunk → embed → index → eval_retrieval. Stages whose inputs
     did not change skip themselves; a failing gate (validate, chunk) stops the flow."""
+    orch.check_deployment_parameters(workspace, params=params, source=source)
     ws, config = orch.load(workspace, params, profile)
-    orch.check_deployment_parameters(ws, config, params=params, source=source)
     record = orch.RunRecord("refresh", planned=list(REFRESH_STAGES), workspace=str(ws.root))
     with orch.workspace_guard(ws, config, "refresh") as guard:
         if not guard.acquired:
@@ -121,8 +121,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """prepare_lm → every enabled architecture (train if it trains, then evaluate; fanned out on
     the configured task runner) → compare (table, Pareto plots, champion alias)."""
+    orch.check_deployment_parameters(workspace, params=params, source=None)
     ws, config = orch.load(workspace, params, profile)
-    orch.check_deployment_parameters(ws, config, params=params, source=None)
     names = list(architectures or config.enabled_architectures())
     record = orch.RunRecord("evaluate", planned=["prepare_lm", *[f"evaluate@{n}" for n in names], "compare"], workspace=str(ws.root))
     with orch.workspace_guard(ws, config, "evaluate") as guard:
@@ -156,8 +156,8 @@ def pipeline(
     architectures: list[str] | None = None,
 ) -> dict[str, Any]:
     """refresh then evaluate, under one MLflow parent run, holding the workspace for both."""
+    orch.check_deployment_parameters(workspace, params=params, source=source)
     ws, config = orch.load(workspace, params, profile)
-    orch.check_deployment_parameters(ws, config, params=params, source=source)
     record = orch.RunRecord("pipeline", planned=[*REFRESH_STAGES, "prepare_lm", "compare"], workspace=str(ws.root))
     with orch.workspace_guard(ws, config, "pipeline") as guard:
         if not guard.acquired:

@@ -365,6 +365,7 @@ def tracked_run(
     }
     if system_metrics is None:
         system_metrics = kind in SYSTEM_METRICS_KINDS or (kind == "stage" and name in SYSTEM_METRICS_STAGES)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # "Started monitoring ..." for every run
     nested = mlflow.active_run() is not None
     run = mlflow.start_run(
         run_name=name, parent_run_id=parent, nested=nested or bool(parent), tags={k: str(v) for k, v in all_tags.items()},

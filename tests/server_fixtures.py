@@ -72,6 +72,9 @@ def prefect_server(tmp_path_factory) -> ServerProcess:
     try:
         yield server
     finally:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=30, at_exit=False)  # send the last flow-run logs while the server is up
         server.stop()
 
 

@@ -1,5 +1,6 @@
 """The real `ragops` command: bad input gets one clear line, a non-zero exit, and nothing is lost."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,37 @@ def test_folder_with_one_bad_file_is_ingested_and_the_bad_file_reported(copy_wor
 
     corpus = pd.read_parquet(ws / "data" / "corpus.parquet")
     assert sorted(corpus["title"]) == ["Note 0", "Note 1", "Note 2"]
+
+
+@pytest.mark.slow
+def test_evaluate_names_each_architecture_and_its_table_fits_100_columns(copy_workspace):
+    import json
+
+    ws = copy_workspace()
+    result = subprocess.run(
+        [*RAGOPS, "-w", str(ws), "evaluate", "closed_book", "incontext_ralm"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "100"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("evaluate")] == ["evaluate closed_book", "evaluate incontext_ralm"]
+    assert max(len(line) for line in lines) <= 100
+    # Every metric name of the table is printed whole, on one line.
+    metrics = json.loads((ws / "metrics" / "incontext_ralm.json").read_text())
+    shown = [k for k in metrics if k.split("/")[0] in ("describe", "identify", "lm") and not k.endswith(("_ci_low", "_ci_high"))]
+    assert shown and all(any(f"│ {key} " in line for line in lines) for key in shown)
+
+
+def test_links_are_not_hard_wrapped():
+    from rich.console import Console
+
+    from ragops import cli_ops
+
+    url = "http://127.0.0.1:5000/#/compare-runs?runs=[%2262b7a0c7e3a94f4bb1f0%22,%22b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8%22]&experiments=[%221%22]"
+    narrow = Console(width=60, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    original, cli_ops.console = cli_ops.console, narrow
+    try:
+        cli_ops._link(f"compare the latest architectures: {url}")
+    finally:
+        cli_ops.console = original
+    assert url in narrow.export_text().splitlines()[0]

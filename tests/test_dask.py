@@ -107,3 +107,37 @@ def test_evaluate_flow_on_dask(prefect_api, copy_workspace, dask_cluster):
     parent = labels["compare"]["summary"]["parent_run_id"]
     children = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", output_format="list")
     assert sorted(r.info.run_name for r in children) == ["closed_book", "compare", "incontext_ralm"]
+
+
+def test_tls_scheduler_needs_and_uses_client_certificates(monkeypatch):
+    """A real TLS scheduler (mutual TLS, in-memory certificates from `Security.temporary`): the
+    runner's client security comes from Dask's configuration; without it, one line says what is missing."""
+    import dask
+    from distributed import Client, LocalCluster, Security
+
+    from ragops.config import resolve
+    from ragops.errors import ConfigError
+    from ragops.ops.orchestration import make_task_runner
+
+    for key in ("CA_FILE", "CLIENT__CERT", "CLIENT__KEY"):
+        monkeypatch.delenv(f"DASK_DISTRIBUTED__COMM__TLS__{key}", raising=False)
+    with pytest.raises(ConfigError, match=r"tls://127\.0\.0\.1:1: .*missing: DASK_DISTRIBUTED__COMM__TLS__CA_FILE"):
+        make_task_runner(resolve({"orchestration": {"task_runner": "dask", "dask_address": "tls://127.0.0.1:1"}}))
+
+    certificates = Security.temporary()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tls://", host="127.0.0.1",
+                      security=certificates, dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        assert address.startswith("tls://")
+        with dask.config.set({
+            "distributed.comm.tls.ca-file": certificates.tls_ca_file,
+            "distributed.comm.tls.client.cert": certificates.tls_client_cert,
+            "distributed.comm.tls.client.key": certificates.tls_client_key,
+        }):
+            runner = make_task_runner(resolve({"orchestration": {"task_runner": "dask", "dask_address": address}}))
+            assert runner.address == address
+            with Client(address, **{k: v for k, v in runner.client_kwargs.items() if k != "set_as_default"}) as client:
+                assert client.submit(lambda x: x * 7, 6).result(timeout=60) == 42
+        # A client whose certificate another CA signed is refused by the scheduler.
+        with pytest.raises((OSError, TimeoutError)):
+            Client(address, security=Security.temporary(), timeout=5)

