@@ -249,10 +249,13 @@ def test_global_concurrency_limit_guards_across_machines(prefect_api, tmp_path):
     assert state.is_completed() and state.name == "Skipped" and out["skipped"] and GLOBAL_LIMIT in out["reason"]
 
 
-def test_evaluate_flow_fans_out_and_compares(prefect_api, tmp_path, mlflow_store, monkeypatch):
+def test_evaluate_flow_fans_out_and_compares(prefect_api, tmp_path, mlflow_store, mlflow_server_factory, monkeypatch):
     """The evaluate flow's wiring with stand-in architecture stages that log real MLflow runs
-    (the real compare stage reads them): fan-out, parent run, comparison artifact, champion."""
+    (the real compare stage reads them): fan-out, parent run, comparison artifact, champion, and a
+    link to the MLflow run page (the workspace's MLflow UI is running, as `ragops ui` would run it)."""
     import mlflow
+
+    mlflow_ui = mlflow_server_factory(Workspace(tmp_path))  # on the same store; recorded in the workspace
 
     from flows.pipeline import evaluate
     from ragops import stages
@@ -295,6 +298,10 @@ def test_evaluate_flow_fans_out_and_compares(prefect_api, tmp_path, mlflow_store
     table = artifacts["ragops-comparison"].data
     assert "incontext_ralm" in table and "closed_book" in table and "0.450 [0.380, 0.520]" in table
     assert "champion: incontext_ralm" in artifacts["ragops-evaluate-summary"].data
+    parent = _latest_parent("evaluate")
+    page = f"{mlflow_ui.url}/#/experiments/{mlflow.get_run(parent).info.experiment_id}/runs/{parent}"
+    assert artifacts["ragops-evaluate-mlflow-run"].type == "link" and artifacts["ragops-evaluate-mlflow-run"].data == page
+    assert f"- MLflow run: [{parent}]({page})" in artifacts["ragops-evaluate-summary"].data
     # Evaluated through the task runner, one at a time in its single worker thread (accurate cost
     # meters), not in the flow's thread.
     assert len(threads) == 2 and len(set(threads)) == 1 and threading.get_ident() not in threads
