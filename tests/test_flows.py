@@ -300,7 +300,7 @@ def test_evaluate_flow_fans_out_and_compares(prefect_api, tmp_path, mlflow_store
     assert "champion: incontext_ralm" in artifacts["ragops-evaluate-summary"].data
     parent = _latest_parent("evaluate")
     page = f"{mlflow_ui.url}/#/experiments/{mlflow.get_run(parent).info.experiment_id}/runs/{parent}"
-    assert artifacts["ragops-evaluate-mlflow-run"].type == "link" and artifacts["ragops-evaluate-mlflow-run"].data == page
+    assert artifacts["ragops-evaluate-mlflow-run"].data == f"[MLflow run {parent}]({page})"  # Prefect stores links as markdown
     assert f"- MLflow run: [{parent}]({page})" in artifacts["ragops-evaluate-summary"].data
     # Evaluated through the task runner, one at a time in its single worker thread (accurate cost
     # meters), not in the flow's thread.
