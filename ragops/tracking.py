@@ -45,7 +45,7 @@ KILLED_TAG = "ragops.killed"
 CI_SUFFIXES = ("_ci_low", "_ci_high")
 CI_TAG_PREFIX = "ci/"
 #: Runs of these kinds are long enough (minutes) for MLflow's system metrics to say something.
-SYSTEM_METRICS_KINDS = frozenset({"pipeline", "architecture", "sweep"})
+SYSTEM_METRICS_KINDS = frozenset({"pipeline", "train", "architecture", "sweep"})
 SYSTEM_METRICS_STAGES = frozenset({"embed", "eval_retrieval", "prepare_lm"})
 
 log = logging.getLogger("ragops.tracking")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ragops.config import resolve
+from ragops.params import resolve
 from ragops.paths import Workspace
 
 

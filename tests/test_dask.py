@@ -115,7 +115,7 @@ def test_tls_scheduler_needs_and_uses_client_certificates(monkeypatch):
     import dask
     from distributed import Client, LocalCluster, Security
 
-    from ragops.config import resolve
+    from ragops.params import resolve
     from ragops.errors import ConfigError
     from ragops.ops.orchestration import make_task_runner
 

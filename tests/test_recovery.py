@@ -34,7 +34,7 @@ def replace(src, dst):
         time.sleep(600)
 os.replace = replace
 from ragops import stages
-from ragops.config import load_config
+from ragops.params import load_config
 from ragops.paths import Workspace
 ws = Workspace(sys.argv[1])
 stages.validate(ws, load_config(ws.params), force=True)
@@ -52,7 +52,7 @@ def test_killed_stage_is_marked_killed_and_its_leftovers_cleaned_by_the_next_run
     import mlflow
 
     from ragops import stages
-    from ragops.config import load_config
+    from ragops.params import load_config
     from ragops.tracking import KILLED_TAG
 
     root = copy_workspace()

@@ -181,7 +181,7 @@ def check_deployment_parameters(workspace: str, *, params: str | None, source: s
     if params and params != defaults.get("params") and not _resolve(params, root).is_relative_to(root):
         raise ConfigError(f"params '{params}': deployment '{deployment.name}' takes a params file inside {root} only")
     if source and source != "default":
-        from ragops.config import load_config
+        from ragops.params import load_config
 
         allowed = [root]
         configured = load_config(params or Workspace(root).params).ingest.source
