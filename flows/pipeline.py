@@ -42,7 +42,7 @@ def _stage_task(stage: str):
     )
 
 
-STAGE_TASKS = {name: _stage_task(name) for name in [*REFRESH_STAGES, "prepare_lm", "evaluate_architecture", "compare"]}
+STAGE_TASKS = {name: _stage_task(name) for name in [*REFRESH_STAGES, "prepare_lm", "train_architecture", "evaluate_architecture", "compare"]}
 embed_shard_task = task(sharding.embed_shard, name="embed_shard", task_run_name="embed-shard-{start}-{end}", cache_policy=NO_CACHE)
 
 
@@ -57,23 +57,33 @@ def embed_shards(workspace: str, params: str | None, profile: str | None, ranges
     return [future.result() for future in futures]
 
 
-@flow(name="architectures", flow_run_name="evaluate-architectures", log_prints=True)
+@flow(name="architectures", flow_run_name="train-and-evaluate-architectures", log_prints=True)
 def architectures_flow(workspace: str, params: str | None, profile: str | None, names: list[str], parent_run_id: str) -> dict[str, Any]:
-    """Train (if needed) and evaluate each architecture, submitted to the task runner. One failing
-    architecture does not stop the others; failures are returned, not raised."""
+    """Train (when it trains and its settings changed) then evaluate each architecture, submitted to
+    the task runner: on Dask, independent architectures train and evaluate in parallel processes.
+    One failing architecture does not stop the others; failures are returned, not raised."""
     tracking_uri = orch.current_tracking_uri()
-    futures = {
+    trained = {
+        name: STAGE_TASKS["train_architecture"]
+        .with_options(task_run_name=f"train-{name}")
+        .submit("train_architecture", workspace, params, profile, parent_run_id, {"name": name, "progress": False}, tracking_uri)
+        for name in names
+    }
+    evaluated = {
         name: STAGE_TASKS["evaluate_architecture"]
         .with_options(task_run_name=f"evaluate-{name}")
-        .submit("evaluate_architecture", workspace, params, profile, parent_run_id, {"name": name, "progress": False}, tracking_uri)
+        .submit("evaluate_architecture", workspace, params, profile, parent_run_id, {"name": name, "progress": False}, tracking_uri,
+                wait_for=[trained[name]])
         for name in names
     }
     outcomes, failed = {}, {}
-    for name, future in futures.items():
-        try:
-            outcomes[name] = orch.unwrap(future.result())
-        except Exception as exc:  # noqa: BLE001 - reported by the caller
-            failed[name] = f"{type(exc).__name__}: {exc}"
+    for name in names:
+        for label, future in ((f"train@{name}", trained[name]), (f"evaluate@{name}", evaluated[name])):
+            try:
+                outcomes[label] = orch.unwrap(future.result())
+            except Exception as exc:  # noqa: BLE001 - reported by the caller
+                failed[label] = f"{type(exc).__name__}: {exc}"
+                break  # an architecture that failed to train is not evaluated
     return {"outcomes": outcomes, "failed": failed}
 
 
@@ -119,12 +129,13 @@ def evaluate(
     profile: str | None = None,
     architectures: list[str] | None = None,
 ) -> dict[str, Any]:
-    """prepare_lm → every enabled architecture (train if it trains, then evaluate; fanned out on
-    the configured task runner) → compare (table, Pareto plots, champion alias)."""
+    """prepare_lm → every enabled architecture (train when it trains and its settings changed, then
+    evaluate; fanned out on the configured task runner) → compare (table, Pareto plots, champion)."""
     orch.check_deployment_parameters(workspace, params=params, source=None)
     ws, config = orch.load(workspace, params, profile)
     names = list(architectures or config.enabled_architectures())
-    record = orch.RunRecord("evaluate", planned=["prepare_lm", *[f"evaluate@{n}" for n in names], "compare"], workspace=str(ws.root))
+    planned = ["prepare_lm", *[f"{stage}@{n}" for n in names for stage in ("train", "evaluate")], "compare"]
+    record = orch.RunRecord("evaluate", planned=planned, workspace=str(ws.root))
     with orch.workspace_guard(ws, config, "evaluate") as guard:
         if not guard.acquired:
             return orch.skipped(record, guard.reason)
@@ -135,10 +146,10 @@ def evaluate(
                 orch.run_recorded(record, "prepare_lm", STAGE_TASKS["prepare_lm"], "prepare_lm", *common)
                 runner = orch.make_task_runner(config)
                 fanned = architectures_flow.with_options(task_runner=runner)(workspace, params, profile, names, pid)
-                for name, outcome in fanned["outcomes"].items():
-                    record.add(outcome, f"evaluate@{name}")
-                record.failed.update({f"evaluate@{name}": error for name, error in fanned["failed"].items()})
-                if fanned["outcomes"]:
+                for label, outcome in fanned["outcomes"].items():
+                    record.add(outcome, label)
+                record.failed.update(fanned["failed"])
+                if any(label.startswith("evaluate@") for label in fanned["outcomes"]):
                     orch.run_recorded(record, "compare", STAGE_TASKS["compare"], "compare", *common)
                 if fanned["failed"]:
                     raise RuntimeError("architectures failed: " + "; ".join(f"{n}: {e}" for n, e in fanned["failed"].items()))

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ragops.errors import ConfigError
+
 DEFAULT_MODEL = "default"  # sentinel: the offline model shipped by a PyPI package
 
 
