@@ -211,7 +211,7 @@ def run(
         server = running_server(ws, "prefect")
         if server is not None and "PREFECT_API_URL" not in os.environ:
             os.environ["PREFECT_API_URL"] = f"{server.rstrip('/')}/api"
-        from flows.pipeline import pipeline
+        from ragops.ops.flows import pipeline
 
         pipeline(workspace=str(ws.root), params=str(ctx.obj.params or ws.params), profile=ctx.obj.profile, source=source)
     else:

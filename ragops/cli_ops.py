@@ -95,7 +95,7 @@ def server(
             if serve:
                 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-                from flows.deploy import serve_deployments
+                from ragops.ops.deploy import serve_deployments
 
                 with temporary_settings(updates={PREFECT_API_URL: api}):
                     serve_deployments(config, ws.root, params=ctx.obj.params, profile=ctx.obj.profile)

@@ -233,6 +233,11 @@ class Architecture:
         return [[] for _ in range(len(questions))]
 
     # --- QA ----------------------------------------------------------------------------------------------------
+    def qa_progress_label(self, questions: pd.DataFrame) -> str:
+        """`<architecture> <task>: questions` for the QA progress bar."""
+        tasks = sorted(set(questions["task"])) if "task" in questions.columns and len(questions) else []
+        return f"{self.name} {'/'.join(tasks)}: questions" if tasks else f"{self.name}: questions"
+
     def fit_passages(self, question: str, passages: Sequence[Passage], reserve: int) -> tuple[list[Passage], list[str]]:
         """The passages (and their texts) that fit the LM window before the question, best first.
 
@@ -272,7 +277,7 @@ class Architecture:
         chat = lm.chat_formatter
         max_new = self.ctx.config.eval.max_new_tokens
         rows: list[dict[str, Any]] = []
-        bar = _progress(self.progress, len(questions), f"{self.name}: questions")
+        bar = _progress(self.progress, len(questions), self.qa_progress_label(questions))
         for start in range(0, len(questions), QA_BATCH):
             batch = questions.iloc[start : start + QA_BATCH]
             retrieved = self.passages_for_questions(batch, meter)

@@ -78,7 +78,7 @@ class REPLUG(InContextRALM):
         chat = lm.chat_formatter
         max_new = self.ctx.config.eval.max_new_tokens
         rows: list[dict[str, Any]] = []
-        bar = _progress(self.progress, len(questions), f"{self.name}: questions")
+        bar = _progress(self.progress, len(questions), self.qa_progress_label(questions))
         for start in range(0, len(questions), QA_BATCH):
             batch = questions.iloc[start : start + QA_BATCH]
             retrieved = self.passages_for_questions(batch, meter)
