@@ -37,7 +37,8 @@ def _interruptible():
 
 
 def _latest_compare_url(base_url: str, experiment: str) -> str | None:
-    from ragops.compare import collect_runs, mlflow_compare_url
+    from ragops.compare import mlflow_compare_url
+    from ragops.ops.mlflow_compare import collect_runs
 
     try:
         df = collect_runs(experiment)
@@ -173,7 +174,8 @@ def compare(
     artifacts/compare/, and the champion registered in the MLflow model registry."""
     ws, config = ctx.obj.load()
     if print_only:
-        from ragops.compare import collect_runs, comparison_table, format_table
+        from ragops.compare import comparison_table, format_table
+        from ragops.ops.mlflow_compare import collect_runs
 
         df = collect_runs(config.tracking.experiment, parent)
         summary = {"parent_run_id": df.attrs.get("parent_run_id"), "display": format_table(comparison_table(df)) if not df.empty else []}

@@ -720,11 +720,55 @@ def compare(ws: Workspace, config: Config, *, parent_run_id: str | None = None) 
 
     Never skipped: it reads MLflow, which changes with every run.
     """
-    from ragops.compare import run_compare
+    import os
 
+    from ragops.compare.analysis import comparison_table, format_table, pick_champion, pick_cost, quality_metrics
+    from ragops.compare.plots import plot_pareto
+    from ragops.env import tracking_uri as default_uri
+    from ragops.ops.mlflow_compare import architecture_card, collect_runs, register_champion
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_uri(ws.root)
     with tracked_run(ws, config, "compare", kind="stage", parent_run_id=parent_run_id) as run:
-        summary = run_compare(ws, config, parent_run_id=parent_run_id)
+        df = collect_runs(config.tracking.experiment, parent_run_id, tracking_uri=uri)
+        quality = config.champion.metric
+        summary: dict[str, Any] = {
+            "parent_run_id": df.attrs.get("parent_run_id"), "source": df.attrs.get("source"),
+            "architectures": len(df), "quality_metric": quality, "files": [], "pareto": {}, "champion": None, "table": [],
+        }
+        if df.empty:
+            summary["message"] = f"no finished architecture runs in experiment '{config.tracking.experiment}' (run: ragops evaluate)"
+            return StageOutcome("compare", False, summary, run.run_id)
+        if quality not in df.columns:
+            available = ", ".join(quality_metrics(df)) or "none"
+            summary["message"] = f"champion.metric '{quality}' was not logged by any architecture (logged: {available})"
+        table = comparison_table(df)
+        summary["table"] = json.loads(table.to_json(orient="records"))
+        summary["display"] = format_table(table)
+        plots = {
+            "inference": pick_cost(df, ["inference/cost_usd_per_1k_questions", "inference/wall_s_per_1k_questions", "inference/cost_usd", "inference/wall_s"]),
+            "train": pick_cost(df, ["train/cost_usd", "train/wall_s", "train/flops"]),
+        }
+        with atomic_dir(ws.compare_dir) as tmp:
+            table.to_csv(tmp / "comparison.csv", index=False)
+            write_json(tmp / "comparison.json", summary["table"])
+            for phase, cost in plots.items():
+                if cost is None or quality not in df.columns:
+                    continue
+                out = plot_pareto(df, quality, cost, tmp / f"pareto-{phase}.png", tmp / f"pareto-{phase}.html")
+                summary["pareto"][phase] = {"cost_metric": cost, "front": out["front"]}
+            champion = pick_champion(df, quality, config.champion.mode)
+            if champion is not None:
+                summary["champion"] = {"architecture": str(champion["architecture"]), "family": champion.get("family"),
+                                       "metric": quality, "value": float(champion[quality]), "run_id": str(champion["run_id"])}
+            write_json(tmp / "summary.json", {k: v for k, v in summary.items() if k not in ("table", "display")})
+            summary["files"] = sorted(str(ws.compare_dir / p.name) for p in tmp.iterdir())
         run.log_artifact(ws.compare_dir, "compare")
+        if champion is not None:
+            summary["champion"].update(register_champion(
+                architecture_card(champion, config), run_id=run.run_id, registered_model=config.champion.registered_model,
+                alias=config.champion.alias, tracking_uri=uri,
+                tags={"source_run_id": str(champion["run_id"]), "metric": quality, "value": float(champion[quality])},
+            ))
     return StageOutcome("compare", False, summary, run.run_id)
 
 

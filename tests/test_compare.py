@@ -7,16 +7,9 @@ import json
 import pandas as pd
 import pytest
 
-from ragops.compare import (
-    collect_runs,
-    comparison_table,
-    format_table,
-    higher_is_better,
-    pareto_front,
-    pick_champion,
-    plot_pareto,
-    run_compare,
-)
+from ragops.compare import comparison_table, format_table, higher_is_better, pareto_front, pick_champion
+from ragops.compare.plots import plot_pareto
+from ragops.ops.mlflow_compare import collect_runs
 from ragops.params import resolve
 from ragops.paths import Workspace
 
@@ -128,8 +121,10 @@ def test_plot_pareto_three_families(tmp_path):
 def test_run_compare_writes_files_and_registers_champion(logged):
     import mlflow
 
+    from ragops import stages
+
     ws, config, parent = logged
-    summary = run_compare(ws, config, parent_run_id=parent)
+    summary = stages.compare(ws, config, parent_run_id=parent).summary
     assert summary["architectures"] == 2 and summary["parent_run_id"] == parent
     assert [row["architecture"] for row in summary["table"]] == ["closed_book", "incontext_ralm"]
     assert summary["pareto"]["inference"]["cost_metric"] == "inference/cost_usd_per_1k_questions"
@@ -154,13 +149,47 @@ def test_run_compare_writes_files_and_registers_champion(logged):
     assert card["options"]["retriever"] == config.architectures["incontext_ralm"].retriever
 
     # Same source run again: the alias stays on the same version (no duplicate registration).
-    again = run_compare(ws, config, parent_run_id=parent)
+    again = stages.compare(ws, config, parent_run_id=parent).summary
     assert again["champion"]["version"] == champion["version"] and not again["champion"]["new_version"]
 
 
 def test_run_compare_without_runs(tmp_path, mlflow_store):
     import mlflow
 
+    from ragops import stages
+
     mlflow.create_experiment(EXPERIMENT)
-    summary = run_compare(Workspace(tmp_path), _config(), register=False)
+    summary = stages.compare(Workspace(tmp_path), _config()).summary
     assert summary["architectures"] == 0 and "no finished architecture runs" in summary["message"]
+
+
+def test_analysis_imports_neither_mlflow_nor_matplotlib():
+    import subprocess
+    import sys
+
+    code = "import sys, ragops.compare, ragops.compare.analysis; print(sorted(m for m in ('mlflow', 'matplotlib', 'altair') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+def test_registering_the_champion_leaves_mlflow_global_state_alone(tmp_path, mlflow_store):
+    import mlflow
+
+    from ragops.ops.mlflow_compare import register_champion
+
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    client = mlflow.MlflowClient(other)
+    experiment = client.create_experiment("elsewhere", artifact_location=(tmp_path / "art").as_uri())
+    run = client.create_run(experiment)
+    before = (mlflow.get_tracking_uri(), mlflow.active_run())
+    card = {"architecture": "closed_book", "family": "baseline", "metrics": {"describe/f1": 0.2}}
+    first = register_champion(card, run_id=run.info.run_id, registered_model="m", alias="champion", tracking_uri=other)
+    assert (mlflow.get_tracking_uri(), mlflow.active_run()) == before == (mlflow_store, None)
+    assert first["new_version"] and client.get_model_version_by_alias("m", "champion").version == int(first["version"])
+    # the project's store was not written to
+    assert mlflow.MlflowClient(mlflow_store).search_registered_models() == []
+    again = register_champion(card, run_id=run.info.run_id, registered_model="m", alias="champion", tracking_uri=other)
+    assert again["version"] == first["version"] and not again["new_version"]
+    changed = register_champion({**card, "metrics": {"describe/f1": 0.3}}, run_id=run.info.run_id, registered_model="m",
+                                alias="champion", tracking_uri=other)
+    assert int(changed["version"]) == int(first["version"]) + 1
