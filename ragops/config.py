@@ -180,6 +180,11 @@ class ChampionConfig(Section):
 
     metric: str = "describe/f1"
     mode: Literal["max", "min"] = "max"
+    # paired: the best point estimate wins only if its paired bootstrap CI against every other
+    # architecture excludes 0; otherwise the cheapest of those it is tied with (by cost_metric).
+    # point: the best point estimate.
+    rule: Literal["paired", "point"] = "paired"
+    cost_metric: str = "auto"  # auto: QA cost per 1,000 questions (lm cost per 1,000 tokens for lm/... metrics)
     registered_model: str = "ragops-rag"
     alias: str = "champion"
 

@@ -193,3 +193,56 @@ def test_registering_the_champion_leaves_mlflow_global_state_alone(tmp_path, mlf
     changed = register_champion({**card, "metrics": {"describe/f1": 0.3}}, run_id=run.info.run_id, registered_model="m",
                                 alias="champion", tracking_uri=other)
     assert int(changed["version"]) == int(first["version"]) + 1
+
+
+def _paired_rows(*rows):
+    """Hand-made paired differences: (a, b, metric, diff, ci_low, ci_high)."""
+    return pd.DataFrame([{"a": a, "b": b, "metric": m, "diff": d, "ci_low": lo, "ci_high": hi, "a_value": 0.0, "b_value": 0.0,
+                          "a_better": 0, "b_better": 0, "significant": lo > 0 or hi < 0} for a, b, m, d, lo, hi in rows])
+
+
+CANDIDATES = pd.DataFrame([
+    {"architecture": "cheap", "family": "black-box", "describe/f1": 0.40, "inference/qa/cost_usd_per_1k_questions": 1.0},
+    {"architecture": "pricey", "family": "white-box", "describe/f1": 0.42, "inference/qa/cost_usd_per_1k_questions": 5.0},
+    {"architecture": "weak", "family": "baseline", "describe/f1": 0.10, "inference/qa/cost_usd_per_1k_questions": 0.1},
+])
+
+
+def test_champion_rule_a_lead_counts_only_when_the_paired_interval_excludes_zero():
+    from ragops.compare.analysis import decide_champion
+
+    # pricey leads cheap by 0.02 but the paired CI [-0.01, 0.05] includes 0: the cheaper of the two wins
+    tied = _paired_rows(("pricey", "cheap", "describe/f1", 0.02, -0.01, 0.05), ("pricey", "weak", "describe/f1", 0.32, 0.28, 0.36))
+    decision = decide_champion(CANDIDATES, "describe/f1", "max", paired=tied)
+    assert decision.architecture == "cheap" and decision.best == "pricey"
+    assert decision.contenders == ["pricey", "cheap"]
+    assert "not significant" in decision.reason and "cheaper" in decision.reason
+    # the same numbers with a significant lead: the best point estimate wins
+    separated = _paired_rows(("pricey", "cheap", "describe/f1", 0.02, 0.01, 0.03), ("pricey", "weak", "describe/f1", 0.32, 0.28, 0.36))
+    decision = decide_champion(CANDIDATES, "describe/f1", "max", paired=separated)
+    assert decision.architecture == "pricey" and decision.contenders == ["pricey"] and "significant" in decision.reason
+    # a row stored the other way round (cheap - pricey) is read negated
+    reversed_rows = _paired_rows(("cheap", "pricey", "describe/f1", -0.02, -0.03, -0.01), ("weak", "pricey", "describe/f1", -0.32, -0.36, -0.28))
+    assert decide_champion(CANDIDATES, "describe/f1", "max", paired=reversed_rows).architecture == "pricey"
+    # rule `point` ignores the intervals
+    assert decide_champion(CANDIDATES, "describe/f1", "max", rule="point", paired=tied).architecture == "pricey"
+    # without paired data the point estimates decide
+    assert decide_champion(CANDIDATES, "describe/f1", "max", paired=None).architecture == "pricey"
+    # the tie-break cost is configurable: by training cost pricey is the cheaper one
+    with_train = CANDIDATES.assign(**{"train/cost_usd": [3.0, 0.0, 0.0]})
+    assert decide_champion(with_train, "describe/f1", "max", paired=tied, cost_metric="train/cost_usd").architecture == "pricey"
+
+
+def test_champion_rule_for_a_lower_is_better_metric():
+    from ragops.compare.analysis import decide_champion
+
+    table = pd.DataFrame([
+        {"architecture": "a", "lm/token_ppl": 14.0, "inference/lm/cost_usd_per_1k_tokens": 3.0},
+        {"architecture": "b", "lm/token_ppl": 14.7, "inference/lm/cost_usd_per_1k_tokens": 1.0},
+    ])
+    significant = _paired_rows(("a", "b", "lm/token_ppl", -0.68, -1.04, -0.44))
+    decision = decide_champion(table, "lm/token_ppl", "min", paired=significant)
+    assert decision.architecture == "a" and "-0.68 [-1.04, -0.44]" in decision.reason
+    overlapping = _paired_rows(("a", "b", "lm/token_ppl", -0.68, -1.5, 0.1))
+    decision = decide_champion(table, "lm/token_ppl", "min", paired=overlapping)
+    assert decision.architecture == "b" and decision.cost_metric == "inference/lm/cost_usd_per_1k_tokens"

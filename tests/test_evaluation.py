@@ -154,3 +154,106 @@ def test_inputs_follow_the_eval_config(tmp_path):
     assert len(load_heldout(ws, "test", 1)) == 1
     with pytest.raises(RagopsError, match="dev and test halves"):
         load_heldout(ws, "train", None)
+
+
+# --- paired comparisons ---------------------------------------------------------------------------
+
+
+def _reference_paired_mean(a, b, n_samples, confidence, seed):
+    """The paired bootstrap written out: draw n item indices with replacement per sample (the same
+    draws for A and B), average A_i - B_i over them, take the percentile interval."""
+    rng = np.random.default_rng(seed)
+    n = len(a)
+    draws = rng.integers(0, n, size=(n_samples, n))
+    stats = []
+    for row in draws:
+        total = 0.0
+        for i in row:
+            total += a[i] - b[i]
+        stats.append(total / n)
+    alpha = (1 - confidence) / 2
+    return sum(x - y for x, y in zip(a, b, strict=True)) / n, *np.quantile(stats, [alpha, 1 - alpha])
+
+
+def _reference_paired_ppl(nll_a, tok_a, nll_b, tok_b, n_samples, confidence, seed):
+    rng = np.random.default_rng(seed)
+    n = len(nll_a)
+    draws = rng.integers(0, n, size=(n_samples, n))
+    stats = []
+    for row in draws:
+        sa = sum(nll_a[i] for i in row) / sum(tok_a[i] for i in row)
+        sb = sum(nll_b[i] for i in row) / sum(tok_b[i] for i in row)
+        stats.append(math.exp(sa) - math.exp(sb))
+    alpha = (1 - confidence) / 2
+    point = math.exp(sum(nll_a) / sum(tok_a)) - math.exp(sum(nll_b) / sum(tok_b))
+    return point, *np.quantile(stats, [alpha, 1 - alpha])
+
+
+def test_paired_mean_difference_matches_a_reference_loop():
+    from ragops.evaluation.paired import paired_mean_difference
+
+    rng = np.random.default_rng(5)
+    a = rng.uniform(0, 1, 37).tolist()
+    b = (np.asarray(a) - 0.05 + rng.normal(0, 0.05, 37)).tolist()
+    got = paired_mean_difference(a, b, 400, 0.9, seed=11)
+    np.testing.assert_allclose(got, _reference_paired_mean(a, b, 400, 0.9, 11), rtol=1e-12)
+
+
+def test_paired_ratio_difference_matches_a_reference_loop():
+    from ragops.evaluation.paired import paired_ratio_difference
+
+    rng = np.random.default_rng(6)
+    tokens = rng.integers(20, 200, 15).astype(float)
+    nll_b = tokens * rng.uniform(2.0, 3.0, 15)
+    nll_a = nll_b - tokens * rng.uniform(-0.05, 0.2, 15)
+    got = paired_ratio_difference(nll_a, tokens, nll_b, tokens, 300, 0.95, seed=2)
+    want = _reference_paired_ppl(nll_a.tolist(), tokens.tolist(), nll_b.tolist(), tokens.tolist(), 300, 0.95, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_paired_differences_on_a_hand_computed_case():
+    from ragops.evaluation.paired import compare_predictions, paired_mean_difference, paired_ratio_difference
+
+    # identical differences: every resample has the same mean, so the interval is that point
+    assert paired_mean_difference([0.5, 0.7, 0.9], [0.3, 0.5, 0.7], 200, 0.95, 0) == pytest.approx((0.2, 0.2, 0.2))
+    # two items with differences 1 and 0: resampled means are 0, 0.5 or 1 (prob. 1/4, 1/2, 1/4),
+    # so with 2,000 resamples the 2.5% and 97.5% percentiles are 0 and 1
+    assert paired_mean_difference([1.0, 0.0], [0.0, 0.0], 2000, 0.95, 0) == pytest.approx((0.5, 0.0, 1.0))
+    # perplexity: A = exp((2 + 4) / 3) = e^2, B = exp((3 + 4) / 3) = e^(7/3)
+    diff, _, _ = paired_ratio_difference([2.0, 4.0], [1, 2], [3.0, 4.0], [1, 2], 50, 0.95, 0)
+    assert diff == pytest.approx(math.exp(2.0) - math.exp(7 / 3))
+
+    qa = lambda task, qids, f1, nll: pd.DataFrame(  # noqa: E731
+        {"task": task, "qid": qids, "doc_id": "d", "em": 0.0, "f1": f1, "gold_nll": nll, "nll_sum": np.nan, "n_tokens": 0, "n_words": 0})
+    lm = lambda docs, nll, tokens, words: pd.DataFrame(  # noqa: E731
+        {"task": "lm", "qid": None, "doc_id": docs, "em": np.nan, "f1": np.nan, "gold_nll": np.nan, "nll_sum": nll,
+         "n_tokens": tokens, "n_words": words})
+    # A and B answered the same three questions (in another order; B has one more), scored the same two articles
+    a = pd.concat([qa("describe", ["q1", "q2", "q3"], [1.0, 0.5, 0.0], [1.0, 2.0, 3.0]), lm(["x", "y"], [2.0, 4.0], [1, 2], [1, 1])])
+    b = pd.concat([qa("describe", ["q3", "q1", "q2", "q9"], [0.0, 0.5, 0.5, 1.0], [3.5, 1.5, 2.0, 0.1]), lm(["y", "x"], [4.0, 3.0], [2, 1], [1, 1])])
+    found = {d.metric: d for d in compare_predictions("A", a, "B", b, n_samples=100, seed=0)}
+    assert sorted(found) == ["describe/em", "describe/f1", "describe/gold_nll", "lm/token_ppl", "lm/word_ppl"]
+    f1 = found["describe/f1"]
+    assert (f1.n, f1.unpaired) == (3, 1)
+    assert f1.diff == pytest.approx((0.5 + 0 + 0) / 3) and f1.a_value == pytest.approx(0.5) and f1.b_value == pytest.approx(1 / 3)
+    assert (f1.a_better, f1.b_better, f1.ties) == (1, 0, 2)
+    nll = found["describe/gold_nll"]  # lower is better: A is better on q1 (1.0 < 1.5) and q3 (3.0 < 3.5)
+    assert nll.diff == pytest.approx(-1 / 3) and (nll.a_better, nll.b_better, nll.ties) == (2, 0, 1)
+    ppl = found["lm/token_ppl"]
+    assert ppl.diff == pytest.approx(math.exp(2.0) - math.exp(7 / 3)) and (ppl.a_better, ppl.b_better, ppl.ties) == (1, 0, 1)
+    assert found["lm/word_ppl"].diff == pytest.approx(math.exp(6 / 2) - math.exp(7 / 2))
+
+
+def test_pairing_sees_a_consistent_gain_that_separate_intervals_miss():
+    """B = A plus a small consistent gain and large item-level spread: the two separate intervals
+    overlap, the paired interval of B - A excludes 0."""
+    from ragops.evaluation.paired import paired_mean_difference
+
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 1, 200)
+    b = a + 0.03 + rng.normal(0, 0.01, 200)
+    lo_a, hi_a = bootstrap_ci(a, 1000, 0.95, seed=0)
+    lo_b, hi_b = bootstrap_ci(b, 1000, 0.95, seed=0)
+    assert lo_b < hi_a  # overlapping separate intervals
+    diff, low, high = paired_mean_difference(b, a, 1000, 0.95, seed=0)
+    assert low > 0 and low <= diff <= high

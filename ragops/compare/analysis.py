@@ -5,7 +5,8 @@ comparison is testable on hand-made tables and is a pure function of its inputs.
 
 - `comparison_table` / `format_table`: quality metrics with their bootstrap CIs, then cost;
 - `pareto_front`: which architectures are not beaten on both quality and cost;
-- `pick_champion`: the best architecture by one metric;
+- `pick_champion` / `decide_champion`: the best architecture by one metric, by point estimate or
+  by the paired-interval rule (a lead counts only when it is significant; ties go to the cheaper);
 - `higher_is_better`: a metric's direction from its name.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import urllib.parse
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -145,3 +147,131 @@ def mlflow_compare_url(base_url: str, run_ids: list[str], experiment_ids: list[s
     runs = encode([str(r) for r in run_ids])
     experiments = encode(sorted({str(e) for e in experiment_ids}))
     return f"{base_url.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Paired comparisons and the champion rule
+# ------------------------------------------------------------------------------------------------
+
+
+def paired_lookup(paired: pd.DataFrame | None, a: str, b: str, metric: str) -> dict[str, Any] | None:
+    """The paired difference a − b on `metric` (from a row a−b, or a row b−a negated), or None."""
+    if paired is None or paired.empty:
+        return None
+    rows = paired[(paired["metric"] == metric) & (paired["a"] == a) & (paired["b"] == b)]
+    if len(rows):
+        return dict(rows.iloc[0])
+    rows = paired[(paired["metric"] == metric) & (paired["a"] == b) & (paired["b"] == a)]
+    if not len(rows):
+        return None
+    row = dict(rows.iloc[0])
+    return {
+        **row, "a": a, "b": b, "a_value": row["b_value"], "b_value": row["a_value"], "diff": -row["diff"],
+        "ci_low": -row["ci_high"], "ci_high": -row["ci_low"], "a_better": row["b_better"], "b_better": row["a_better"],
+    }
+
+
+def cost_metric_for(metric: str, columns: Any = ()) -> str:
+    """The per-unit inference cost that goes with a quality metric: QA cost per 1,000 questions for a
+    QA task, LM cost per 1,000 tokens for `lm/...` (falling back to older keys when absent)."""
+    task = metric.split("/")[0]
+    if task == "lm":
+        candidates = ["inference/lm/cost_usd_per_1k_tokens", "inference/cost_usd"]
+    else:
+        candidates = ["inference/qa/cost_usd_per_1k_questions", "inference/cost_usd_per_1k_questions", "inference/cost_usd"]
+    present = set(columns)
+    return next((c for c in candidates if c in present), candidates[0])
+
+
+def format_difference(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "—"
+    mark = "" if row.get("significant", row["ci_low"] > 0 or row["ci_high"] < 0) else " (n.s.)"
+    return f"{row['diff']:+.3g} [{row['ci_low']:+.3g}, {row['ci_high']:+.3g}]{mark}"
+
+
+@dataclass
+class ChampionDecision:
+    """Which architecture is champion, and why (one sentence a person can check)."""
+
+    architecture: str
+    metric: str
+    value: float
+    reason: str
+    best: str  # the best point estimate
+    contenders: list[str] = field(default_factory=list)  # not significantly worse than `best`
+    cost_metric: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide_champion(
+    df: pd.DataFrame,
+    metric: str,
+    mode: str = "max",
+    *,
+    rule: str = "paired",
+    paired: pd.DataFrame | None = None,
+    cost_metric: str | None = None,
+) -> ChampionDecision | None:
+    """The champion among the rows of `df` (one per architecture) by `metric`.
+
+    - rule `point`: the best point estimate (ties: the first name alphabetically).
+    - rule `paired` (default): the best point estimate wins only when it is *significantly* better
+      than every other architecture, i.e. the paired bootstrap interval of (best − other) on the
+      same items excludes 0. The architectures whose interval includes 0 are tied with it; of the
+      tied ones (best included) the cheapest by `cost_metric` wins (ties: the better point
+      estimate, then the name). A pair without paired data (no per-item predictions) is not
+      counted as tied: it is decided by the point estimates.
+    """
+    if df.empty or metric not in df.columns:
+        return None
+    data = df.dropna(subset=[metric])
+    if data.empty:
+        return None
+    sign = 1 if mode == "max" else -1
+    ranked = sorted(data.to_dict(orient="records"), key=lambda r: (-sign * float(r[metric]), str(r["architecture"])))
+    best = ranked[0]
+    name = str(best["architecture"])
+    direction = "highest" if mode == "max" else "lowest"
+    if rule == "point" or len(ranked) == 1:
+        reason = f"{name} has the {direction} {metric} ({best[metric]:.4g})" + ("" if len(ranked) > 1 else "; it is the only candidate")
+        return ChampionDecision(name, metric, float(best[metric]), reason, name, [name], None)
+    if rule != "paired":
+        raise ValueError(f"champion rule '{rule}': expected 'paired' or 'point'")
+    tied, separated = [best], []
+    for other in ranked[1:]:
+        row = paired_lookup(paired, name, str(other["architecture"]), metric)
+        if row is not None and row["ci_low"] <= 0 <= row["ci_high"]:
+            tied.append(other)
+        else:
+            separated.append((other, row))
+    runner_up = ranked[1]
+    runner_row = paired_lookup(paired, name, str(runner_up["architecture"]), metric)
+    if len(tied) == 1:
+        if runner_row is None:
+            reason = (f"{name} has the {direction} {metric} ({best[metric]:.4g}); there are no per-item predictions to test "
+                      f"its lead over {runner_up['architecture']}, so the point estimates decide")
+        else:
+            reason = (f"{name} has the {direction} {metric} ({best[metric]:.4g}) and its lead over the runner-up "
+                      f"{runner_up['architecture']} is significant (paired Δ {format_difference(runner_row)})")
+        return ChampionDecision(name, metric, float(best[metric]), reason, name, [name], cost_metric)
+    cost_metric = cost_metric or cost_metric_for(metric, df.columns)
+
+    def cost(row: dict[str, Any]) -> float:
+        value = row.get(cost_metric)
+        return float(value) if value is not None and not pd.isna(value) else math.inf
+
+    winner = min(tied, key=lambda r: (cost(r), -sign * float(r[metric]), str(r["architecture"])))
+    others = ", ".join(str(r["architecture"]) for r in tied if r is not best)
+    if winner is best:
+        reason = (f"{name} has the {direction} {metric} ({best[metric]:.4g}); {others} {'is' if len(tied) == 2 else 'are'} not "
+                  f"significantly worse (paired CI includes 0), and {name} is also the cheapest of them by {cost_metric}")
+    else:
+        diff = paired_lookup(paired, name, str(winner["architecture"]), metric)
+        reason = (f"{name} has the {direction} {metric} ({best[metric]:.4g}) but its lead over {winner['architecture']} is not "
+                  f"significant (paired Δ {format_difference(diff)}); {winner['architecture']} is cheaper "
+                  f"({cost_metric} {cost(winner):.4g} vs {cost(best):.4g})")
+    return ChampionDecision(str(winner["architecture"]), metric, float(winner[metric]), reason, name,
+                            [str(r["architecture"]) for r in tied], cost_metric)
