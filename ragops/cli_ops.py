@@ -140,15 +140,23 @@ def ui(
             mlflow_ui.stop()
 
 
+def _difference_cell(row: dict) -> str:
+    from ragops.compare.analysis import format_difference
+
+    counts = f"  {row['a_better']}/{row['n']} better" if row.get("n") else ""
+    return format_difference(row) + counts
+
+
 def print_comparison(summary: dict) -> None:
     rows = summary.get("display") or []
     if not rows:
-        console.print(summary.get("message") or "no architecture runs to compare")
+        console.print(summary.get("message") or "no architecture results to compare (run: ragops evaluate)")
         return
-    table = Table(title=f"architectures (parent run {summary.get('parent_run_id')}, quality with 95% bootstrap CI)")
+    confidence = int(round(100 * summary.get("confidence", 0.95)))
+    table = Table(title=f"architectures (quality with {confidence}% bootstrap CI)")
     table.add_column("metric")
     for row in rows:
-        table.add_column(f"{row['architecture']}\n[dim]{row.get('family', '')}[/]", justify="right")
+        table.add_column(f"{row['architecture']}\n[dim]{row.get('group', row.get('family', ''))}[/]", justify="right")
     keys = [k for k in rows[0] if "/" in k]
     front = set((summary.get("pareto") or {}).get("inference", {}).get("front") or [])
     for key in keys:
@@ -156,35 +164,40 @@ def print_comparison(summary: dict) -> None:
         table.add_row(key, *[row.get(key, "—") for row in rows], style=style)
     table.add_row("Pareto (quality vs inference cost)", *["yes" if row["architecture"] in front else "" for row in rows])
     console.print(table)
+    paired = summary.get("paired_vs_baseline") or []
+    if paired:
+        diffs = Table(title=f"paired differences vs the baseline (A − B on the same items, {confidence}% CI; n.s. = interval includes 0)")
+        for column in ("A", "B", "metric", "A − B [CI]  items where A is better"):
+            diffs.add_column(column)
+        for row in paired:
+            diffs.add_row(row["a"], row["b"], row["metric"], _difference_cell(row))
+        console.print(diffs)
     champion = summary.get("champion")
     if champion:
-        registered = f"  → {champion['uri']} (version {champion['version']})" if champion.get("version") else ""
-        console.print(f"[bold]champion[/]: {champion['architecture']} ({champion['metric']} = {champion['value']:.3f}){registered}")
-    if summary.get("message"):
-        console.print(f"[yellow]{summary['message']}[/]")
+        console.print(f"[bold]champion[/]: {champion['architecture']} — {champion['reason']}")
+    for message in summary.get("messages") or []:
+        console.print(f"[yellow]{message}[/]")
 
 
 @app.command()
 def compare(
     ctx: typer.Context,
-    parent: Annotated[Optional[str], typer.Option("--parent", help="MLflow run id of the pipeline run (default: the latest with architecture runs).")] = None,
-    print_only: Annotated[bool, typer.Option("--print-only", help="Only print the table: no plots, no champion registration, no MLflow run.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Re-run even if the evaluation results are unchanged.")] = False,
+    print_only: Annotated[bool, typer.Option("--print-only", help="Only print the comparison the compare stage last wrote (no MLflow, no registry).")] = False,
 ) -> None:
-    """Compare the architectures: quality (with CIs), training and inference cost, Pareto plots in
-    artifacts/compare/, and the champion registered in the MLflow model registry."""
+    """Compare the enabled architectures from their evaluation results: quality (with CIs), paired
+    differences, training and inference cost, Pareto plots in artifacts/compare/, and the champion
+    registered in the MLflow model registry."""
+    from ragops import stages
+
     ws, config = ctx.obj.load()
     if print_only:
-        from ragops.compare import comparison_table, format_table
-        from ragops.ops.mlflow_compare import collect_runs
-
-        df = collect_runs(config.tracking.experiment, parent)
-        summary = {"parent_run_id": df.attrs.get("parent_run_id"), "display": format_table(comparison_table(df)) if not df.empty else []}
+        summary = stages.read_comparison(ws)
     else:
-        from ragops import stages
         from ragops.ops.lock import workspace_lock
 
         with workspace_lock(ws, config.orchestration.lock_timeout_s, what="ragops compare"):
-            summary = stages.compare(ws, config, parent_run_id=parent).summary
+            summary = stages.compare(ws, config, force=force).summary
     print_comparison(summary)
     for path in summary.get("files") or []:
         if path.endswith((".png", ".html")):

@@ -715,61 +715,72 @@ def sweep(ws: Workspace, config: Config, *, parent_run_id: str | None = None, fo
     )
 
 
-def compare(ws: Workspace, config: Config, *, parent_run_id: str | None = None) -> StageOutcome:
-    """Compare the architectures of the latest (or given) pipeline run: table, Pareto plot, champion.
+def _compare_spec(ws: Workspace, config: Config) -> dict[str, Any]:
+    from ragops.compare.inputs import input_files
 
-    Never skipped: it reads MLflow, which changes with every run.
+    names = config.enabled_architectures()
+    return {
+        "out_dir": ws.compare_dir,
+        "inputs": input_files(ws, names),
+        "params": {
+            "architectures": names, "champion": config.section("champion"), "seed": config.seed,
+            "eval": {k: config.eval.model_dump()[k] for k in ("bootstrap_samples", "confidence")},
+        },
+    }
+
+
+def read_comparison(ws: Workspace) -> dict[str, Any]:
+    """The comparison the compare stage wrote (summary, table and display rows), or {} if none."""
+    from ragops.compare.analysis import format_table
+
+    summary_file, table_file = ws.compare_dir / "summary.json", ws.compare_dir / "comparison.json"
+    if not summary_file.exists() or not table_file.exists():
+        return {}
+    import pandas as pd
+
+    records = read_json(table_file)
+    summary = read_json(summary_file)
+    files = sorted(str(p) for p in ws.compare_dir.iterdir() if p.name != MANIFEST)
+    return {**summary, "table": records, "display": format_table(pd.DataFrame(records)), "files": files}
+
+
+def compare(ws: Workspace, config: Config, *, parent_run_id: str | None = None, force: bool = False) -> StageOutcome:
+    """Compare the enabled architectures from their evaluation outputs: table, paired differences,
+    Pareto plots, champion decision (`ragops.compare.build`), written to artifacts/compare/.
+
+    A pure function of DVC-tracked files (metrics/<name>.json, artifacts/eval/<name>/predictions.parquet)
+    and params.yaml, so it skips itself when they are unchanged. Its MLflow run (the comparison's
+    files as artifacts) and the champion's registration are side effects; they work on an empty store.
     """
-    import os
-
-    from ragops.compare.analysis import comparison_table, format_table, pick_champion, pick_cost, quality_metrics
-    from ragops.compare.plots import plot_pareto
+    from ragops.compare.build import build_comparison
     from ragops.env import tracking_uri as default_uri
-    from ragops.ops.mlflow_compare import architecture_card, collect_runs, register_champion
+    from ragops.ops.mlflow_compare import architecture_card, register_champion
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_uri(ws.root)
-    with tracked_run(ws, config, "compare", kind="stage", parent_run_id=parent_run_id) as run:
-        df = collect_runs(config.tracking.experiment, parent_run_id, tracking_uri=uri)
-        quality = config.champion.metric
-        summary: dict[str, Any] = {
-            "parent_run_id": df.attrs.get("parent_run_id"), "source": df.attrs.get("source"),
-            "architectures": len(df), "quality_metric": quality, "files": [], "pareto": {}, "champion": None, "table": [],
-        }
-        if df.empty:
-            summary["message"] = f"no finished architecture runs in experiment '{config.tracking.experiment}' (run: ragops evaluate)"
-            return StageOutcome("compare", False, summary, run.run_id)
-        if quality not in df.columns:
-            available = ", ".join(quality_metrics(df)) or "none"
-            summary["message"] = f"champion.metric '{quality}' was not logged by any architecture (logged: {available})"
-        table = comparison_table(df)
-        summary["table"] = json.loads(table.to_json(orient="records"))
-        summary["display"] = format_table(table)
-        plots = {
-            "inference": pick_cost(df, ["inference/cost_usd_per_1k_questions", "inference/wall_s_per_1k_questions", "inference/cost_usd", "inference/wall_s"]),
-            "train": pick_cost(df, ["train/cost_usd", "train/wall_s", "train/flops"]),
-        }
+    def body(ctx: _Context) -> None:
+        import os
+
         with atomic_dir(ws.compare_dir) as tmp:
-            table.to_csv(tmp / "comparison.csv", index=False)
-            write_json(tmp / "comparison.json", summary["table"])
-            for phase, cost in plots.items():
-                if cost is None or quality not in df.columns:
-                    continue
-                out = plot_pareto(df, quality, cost, tmp / f"pareto-{phase}.png", tmp / f"pareto-{phase}.html")
-                summary["pareto"][phase] = {"cost_metric": cost, "front": out["front"]}
-            champion = pick_champion(df, quality, config.champion.mode)
-            if champion is not None:
-                summary["champion"] = {"architecture": str(champion["architecture"]), "family": champion.get("family"),
-                                       "metric": quality, "value": float(champion[quality]), "run_id": str(champion["run_id"])}
-            write_json(tmp / "summary.json", {k: v for k, v in summary.items() if k not in ("table", "display")})
-            summary["files"] = sorted(str(ws.compare_dir / p.name) for p in tmp.iterdir())
-        run.log_artifact(ws.compare_dir, "compare")
-        if champion is not None:
-            summary["champion"].update(register_champion(
-                architecture_card(champion, config), run_id=run.run_id, registered_model=config.champion.registered_model,
-                alias=config.champion.alias, tracking_uri=uri,
-                tags={"source_run_id": str(champion["run_id"]), "metric": quality, "value": float(champion[quality])},
-            ))
-    return StageOutcome("compare", False, summary, run.run_id)
+            summary = build_comparison(ws, config, tmp)
+        ctx.run.log_artifact(ws.compare_dir, "compare")
+        for message in summary["messages"]:
+            log.warning("compare: %s", message)
+        champion = summary.get("champion")
+        ctx.stats.update(architectures=len(summary["architectures"]), champion=champion["architecture"] if champion else None)
+        if champion:
+            row = next(r for r in summary["table"] if r["architecture"] == champion["architecture"])
+            source_run = _previous_run(ws, ws.eval_dir(champion["architecture"]))
+            card = architecture_card({**row, "run_id": source_run}, config)
+            card["decision"] = champion["reason"]
+            registered = register_champion(
+                card, run_id=ctx.run.run_id, registered_model=config.champion.registered_model, alias=config.champion.alias,
+                tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or default_uri(ws.root),
+                tags={"metric": champion["metric"], "value": champion["value"], "source_run_id": source_run},
+            )
+            log.info("champion: %s → %s (version %s)", champion["architecture"], registered["uri"], registered["version"])
+
+    outcome = _run_stage("compare", ws, config, **_compare_spec(ws, config), body=body, parent_run_id=parent_run_id, force=force)
+    outcome.summary = {**outcome.summary, **read_comparison(ws)}
+    return outcome
 
 
 # ------------------------------------------------------------------------------------------------

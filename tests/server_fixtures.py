@@ -35,7 +35,7 @@ FAKE_ARCHITECTURES: dict[str, dict[str, Any]] = {
             "describe/f1": 0.20, "describe/f1_ci_low": 0.15, "describe/f1_ci_high": 0.26,
             "identify/em": 0.10, "lm/token_ppl": 30.0,
             "train/wall_s": 0.0, "train/cost_usd": 0.0,
-            "inference/wall_s": 10.0, "inference/cost_usd_per_1k_questions": 0.010, "inference/flops": 1e12,
+            "inference/wall_s": 10.0, "inference/qa/cost_usd_per_1k_questions": 0.010, "inference/flops": 1e12,
         },
     },
     "incontext_ralm": {
@@ -44,7 +44,7 @@ FAKE_ARCHITECTURES: dict[str, dict[str, Any]] = {
             "describe/f1": 0.45, "describe/f1_ci_low": 0.38, "describe/f1_ci_high": 0.52,
             "identify/em": 0.30, "lm/token_ppl": 22.0,
             "train/wall_s": 0.0, "train/cost_usd": 0.0,
-            "inference/wall_s": 25.0, "inference/cost_usd_per_1k_questions": 0.030, "inference/flops": 3e12,
+            "inference/wall_s": 25.0, "inference/qa/cost_usd_per_1k_questions": 0.030, "inference/flops": 3e12,
         },
     },
 }

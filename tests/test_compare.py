@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -85,17 +86,17 @@ def test_comparison_table_and_pareto(logged):
     assert cols[:3] == ["architecture", "family", "finetune"]
     # Tasks in order, each metric followed by its CI; cost columns after the quality ones.
     assert cols.index("describe/f1") < cols.index("describe/f1_ci_low") < cols.index("describe/f1_ci_high") < cols.index("identify/em") < cols.index("lm/token_ppl")
-    assert cols.index("lm/token_ppl") < cols.index("train/wall_s") < cols.index("inference/cost_usd_per_1k_questions")
+    assert cols.index("lm/token_ppl") < cols.index("train/wall_s") < cols.index("inference/qa/cost_usd_per_1k_questions")
     shown = {row["architecture"]: row for row in format_table(table)}
     assert shown["incontext_ralm"]["describe/f1"] == "0.450 [0.380, 0.520]"
 
-    front = pareto_front(df, "describe/f1", "inference/cost_usd_per_1k_questions")
+    front = pareto_front(df, "describe/f1", "inference/qa/cost_usd_per_1k_questions")
     assert list(front["architecture"]) == ["closed_book", "incontext_ralm"]  # cheaper vs better: both on the front
     # Perplexity is minimised: incontext_ralm is better *and*... more expensive, so both stay.
     assert not higher_is_better("lm/token_ppl") and higher_is_better("describe/f1")
     dominated = df.copy()
-    dominated.loc[dominated["architecture"] == "closed_book", "inference/cost_usd_per_1k_questions"] = 0.5
-    assert list(pareto_front(dominated, "describe/f1", "inference/cost_usd_per_1k_questions")["architecture"]) == ["incontext_ralm"]
+    dominated.loc[dominated["architecture"] == "closed_book", "inference/qa/cost_usd_per_1k_questions"] = 0.5
+    assert list(pareto_front(dominated, "describe/f1", "inference/qa/cost_usd_per_1k_questions")["architecture"]) == ["incontext_ralm"]
     assert pick_champion(df, "describe/f1", "max")["architecture"] == "incontext_ralm"
     assert pick_champion(df, "lm/token_ppl", "min")["architecture"] == "incontext_ralm"
     assert pick_champion(df, "identify/em", "min")["architecture"] == "closed_book"
@@ -118,49 +119,59 @@ def test_plot_pareto_three_families(tmp_path):
     assert "cdn.jsdelivr.net" not in html and "vegaEmbed" in html
 
 
-def test_run_compare_writes_files_and_registers_champion(logged):
+def test_compare_stage_reads_the_evaluation_outputs_and_registers_the_champion(tmp_path, mlflow_store):
     import mlflow
 
     from ragops import stages
+    from tests.compare_fixtures import two_architectures
 
-    ws, config, parent = logged
-    summary = stages.compare(ws, config, parent_run_id=parent).summary
-    assert summary["architectures"] == 2 and summary["parent_run_id"] == parent
+    ws, config = Workspace(tmp_path), _config()
+    preds = two_architectures(ws)
+    outcome = stages.compare(ws, config)  # an empty MLflow store: no experiment, no runs, no model yet
+    summary = outcome.summary
+    assert not outcome.skipped and summary["architectures"] == ["closed_book", "incontext_ralm"]
     assert [row["architecture"] for row in summary["table"]] == ["closed_book", "incontext_ralm"]
-    assert summary["pareto"]["inference"]["cost_metric"] == "inference/cost_usd_per_1k_questions"
-    assert summary["pareto"]["inference"]["front"] == ["closed_book", "incontext_ralm"]
-    for name in ("comparison.csv", "comparison.json", "summary.json", "pareto-inference.png", "pareto-inference.html", "pareto-train.png", "pareto-train.html"):
+    assert summary["pareto"]["inference"] == {"cost_metric": "inference/qa/cost_usd_per_1k_questions", "front": ["closed_book", "incontext_ralm"]}
+    # both train nothing (cost exactly 0): the better one alone is on the training-cost front
+    assert summary["pareto"]["train"] == {"cost_metric": "train/cost_usd", "front": ["incontext_ralm"]}
+    for name in ("comparison.csv", "comparison.json", "paired.csv", "summary.json", "pareto-inference.png", "pareto-inference.html",
+                 "pareto-train.png", "pareto-train.html"):
         assert (ws.compare_dir / name).stat().st_size > 0, name
-    html = (ws.compare_dir / "pareto-inference.html").read_text()
-    assert "baseline" in html and "black-box" in html and "incontext_ralm" in html and "closed_book" in html
-    assert json.loads((ws.compare_dir / "summary.json").read_text())["champion"]["architecture"] == "incontext_ralm"
-
+    # paired vs the baseline: the mean per-question F1 difference, computed here directly
+    vs_base = {row["metric"]: row for row in summary["paired_vs_baseline"]}
+    ralm_qa = preds["incontext_ralm"].query("task == 'describe'")
+    closed_qa = preds["closed_book"].query("task == 'describe'")
+    assert vs_base["describe/f1"]["a"] == "incontext_ralm" and vs_base["describe/f1"]["b"] == "closed_book"
+    assert vs_base["describe/f1"]["diff"] == pytest.approx(float(np.mean(ralm_qa["f1"].to_numpy() - closed_qa["f1"].to_numpy())))
+    assert vs_base["describe/f1"]["n"] == 40 and vs_base["describe/f1"]["significant"]
+    assert vs_base["lm/token_ppl"]["diff"] < 0 and vs_base["lm/token_ppl"]["a_better"] == 12
     champion = summary["champion"]
-    assert champion["architecture"] == "incontext_ralm" and champion["new_version"]
+    assert champion["architecture"] == "incontext_ralm" and "significant" in champion["reason"]
+
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias(config.champion.registered_model, config.champion.alias)
-    assert str(version.version) == champion["version"]
-    assert version.tags["architecture"] == "incontext_ralm"
+    assert version.tags["architecture"] == "incontext_ralm" and version.tags["metric"] == "describe/f1"
     model = mlflow.pyfunc.load_model(f"models:/{config.champion.registered_model}@{config.champion.alias}")
-    prediction = model.predict(pd.DataFrame({"question": ["who?"]}))
-    card = json.loads(prediction.loc[0, "card"])
+    card = json.loads(model.predict(pd.DataFrame({"question": ["who?"]})).loc[0, "card"])
     assert card["architecture"] == "incontext_ralm" and card["family"] == "black-box"
-    assert card["metrics"]["describe/f1"] == pytest.approx(0.45)
+    assert card["metrics"]["describe/f1"] == pytest.approx(summary["table"][1]["describe/f1"])
     assert card["options"]["retriever"] == config.architectures["incontext_ralm"].retriever
 
-    # Same source run again: the alias stays on the same version (no duplicate registration).
-    again = stages.compare(ws, config, parent_run_id=parent).summary
-    assert again["champion"]["version"] == champion["version"] and not again["champion"]["new_version"]
+    # unchanged inputs: skipped, same files; forced: byte-identical files and no new model version
+    files = {p.name: p.read_bytes() for p in ws.compare_dir.iterdir()}
+    assert stages.compare(ws, config).skipped
+    again = stages.compare(ws, config, force=True)
+    assert not again.skipped and {p.name: p.read_bytes() for p in ws.compare_dir.iterdir()} == files
+    assert client.get_model_version_by_alias(config.champion.registered_model, config.champion.alias).version == version.version
+    assert not any(str(tmp_path) in text.decode(errors="ignore") for name, text in files.items() if name.endswith((".json", ".csv")))
 
 
-def test_run_compare_without_runs(tmp_path, mlflow_store):
-    import mlflow
-
+def test_compare_without_results_names_the_missing_file(tmp_path, mlflow_store):
     from ragops import stages
+    from ragops.errors import RagopsError
 
-    mlflow.create_experiment(EXPERIMENT)
-    summary = stages.compare(Workspace(tmp_path), _config()).summary
-    assert summary["architectures"] == 0 and "no finished architecture runs" in summary["message"]
+    with pytest.raises(RagopsError, match=r"metrics/closed_book\.json.*missing input of stage 'compare'"):
+        stages.compare(Workspace(tmp_path), _config())
 
 
 def test_analysis_imports_neither_mlflow_nor_matplotlib():

@@ -1,5 +1,6 @@
-"""A real DVC repository: `dvc repro` builds the data plane from the ingested corpus, a second
-`dvc repro` does nothing, and `dvc exp run -S` tries a variant that `dvc exp show` compares."""
+"""A real DVC repository: `dvc repro` builds the whole pipeline (smoke profile, tiny LM) from the
+ingested corpus, a second `dvc repro` does nothing, `dvc plots show` renders, and `dvc exp run
+--temp -S` tries a variant in a temporary copy (with an empty MLflow store) that `dvc exp show` compares."""
 
 import json
 import os
@@ -24,13 +25,14 @@ def sh(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess
 
 
 @pytest.fixture
-def dvc_repo(tmp_path, smoke_workspace, monkeypatch) -> Path:
+def dvc_repo(tmp_path, smoke_workspace, tiny_lm_dir, monkeypatch) -> Path:
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copytree(PROJECT_ROOT / "ragops", repo / "ragops", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PROJECT_ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copy(PROJECT_ROOT / ".gitignore", repo / ".gitignore")
-    write_params(repo, retrieval_eval={"max_questions": 10})
+    write_params(repo, retrieval_eval={"max_questions": 10}, lm={"model": str(tiny_lm_dir)},
+                 eval={"max_questions": 3, "max_lm_docs": 2, "max_new_tokens": 4, "bootstrap_samples": 50})
     # The embedding cache is content-addressed: reuse the session's so the test embeds nothing new.
     shutil.copytree(smoke_workspace / ".cache", repo / ".cache")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
@@ -41,7 +43,7 @@ def dvc_repo(tmp_path, smoke_workspace, monkeypatch) -> Path:
     return repo
 
 
-def test_repro_from_ingested_corpus_then_noop_then_experiment(dvc_repo):
+def test_repro_from_ingested_corpus_then_noop_then_experiment(dvc_repo, monkeypatch):
     repo = dvc_repo
     sh(repo, "ragops", "ingest")
     data_dvc = (repo / "data.dvc").read_text()
@@ -49,24 +51,52 @@ def test_repro_from_ingested_corpus_then_noop_then_experiment(dvc_repo):
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "corpus")
 
-    first = sh(repo, "dvc", "repro", "eval_retrieval")
-    for stage in ("validate", "split", "chunk", "embed", "index", "eval_retrieval"):
+    first = sh(repo, "dvc", "repro")
+    for stage in ("validate", "split", "chunk", "embed", "index", "eval_retrieval", "prepare_lm",
+                  "evaluate@closed_book", "evaluate@incontext_ralm", "compare"):
         assert f"Running stage '{stage}'" in first.stdout
     metrics = json.loads((repo / "metrics" / "retrieval.json").read_text())
     assert 0 <= metrics["test/bm25/recall_at_10"] <= 1
+    summary = json.loads((repo / "artifacts" / "compare" / "summary.json").read_text())
+    assert summary["architectures"] == ["closed_book", "incontext_ralm"] and summary["champion"]["architecture"]
 
-    second = sh(repo, "dvc", "repro", "eval_retrieval")
-    assert "Running stage" not in second.stdout
-    assert "up to date" in sh(repo, "dvc", "status", "eval_retrieval", "--with-deps").stdout
+    # Nothing changed: nothing runs (compare included), and DVC agrees everything is up to date.
+    second = sh(repo, "dvc", "repro")
+    assert "Running stage" not in second.stdout, second.stdout
+    assert "up to date" in sh(repo, "dvc", "status").stdout
+    runs_before = _mlflow_run_names(repo)
+    assert runs_before.count("compare") == 1  # no orphan compare run per `dvc repro`
+
+    plots = json.loads(sh(repo, "dvc", "plots", "show", "--json").stdout)
+    assert not plots.get("errors"), plots.get("errors")  # every plot's file exists (a stage produces it)
+    assert "artifacts/compare/comparison.csv" in json.dumps(plots["data"])
 
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "baseline")
-    sh(repo, "dvc", "exp", "run", "-S", "index.factory=HNSW16", "eval_retrieval")
-    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
-    factories = json.dumps(shown)
-    assert "HNSW16" in factories and "Flat" in factories
-    diff = sh(repo, "dvc", "params", "diff", "--json").stdout
-    assert "HNSW16" in diff
+    # A temporary copy: only compare re-runs, against that copy's own (empty) MLflow store.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    experiment = sh(repo, "dvc", "exp", "run", "--temp", "-S", "champion.rule=point")
+    assert "Running stage 'compare'" in experiment.stdout and "Running stage 'evaluate" not in experiment.stdout
+    shown = json.dumps(json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout))
+    assert '"rule": "point"' in shown and '"rule": "paired"' in shown
+    assert "point" in sh(repo, "dvc", "params", "diff", "--all", "--json", "HEAD", shown_ref(repo)).stdout
+
+
+def shown_ref(repo: Path) -> str:
+    """The newest experiment's ref (for `dvc params diff HEAD <exp>`)."""
+    rows = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    for row in rows:
+        for experiment in row.get("experiments") or []:
+            for revision in experiment.get("revs") or []:
+                return revision["rev"]
+    raise AssertionError("no experiment in dvc exp show")
+
+
+def _mlflow_run_names(repo: Path) -> list[str]:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    return [run.info.run_name for experiment in client.search_experiments() for run in client.search_runs([experiment.experiment_id])]
 
 
 def test_outputs_of_ragops_stages_are_recorded_so_dvc_repro_has_nothing_to_do(dvc_repo):

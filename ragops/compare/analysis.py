@@ -30,18 +30,48 @@ COST_KEYS = [
     "train/cpu_s",
     "train/gpu_s",
     "train/flops",
-    "train/params_trainable",
     "train/cost_usd",
+    "train/params_trainable",
+    "train/index_refreshes",
+    "inference/qa/wall_s_per_1k_questions",
+    "inference/qa/cost_usd_per_1k_questions",
+    "inference/qa/flops_per_1k_questions",
+    "inference/lm/wall_s_per_1k_tokens",
+    "inference/lm/cost_usd_per_1k_tokens",
+    "inference/lm/flops_per_1k_tokens",
     "inference/wall_s",
-    "inference/wall_s_per_1k_questions",
     "inference/flops",
     "inference/tokens_prompt",
     "inference/tokens_retrieved",
     "inference/retrieval_calls",
     "inference/peak_rss_mb",
     "inference/cost_usd",
-    "inference/cost_usd_per_1k_questions",
 ]
+# The families of the mission, in the order a reader compares them: (family, finetune) tags ->
+# the group an architecture is shown in. New architectures land in their group by their tags.
+MISSION_GROUPS: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
+    ("closed book", ("baseline",), ()),
+    ("black-box, no fine-tuning", ("black-box",), ("none",)),
+    ("black-box, retriever fine-tuned", ("black-box",), ("retriever",)),
+    ("white-box, LM fine-tuned", ("white-box",), ("lm",)),
+    ("white-box, co-trained", ("white-box",), ("joint", "both")),
+]
+OTHER_GROUP = "other"
+
+
+def mission_group(family: Any, finetune: Any) -> str:
+    """The mission family an architecture belongs to, from its `family` and `finetune` tags."""
+    for label, families, finetunes in MISSION_GROUPS:
+        if family in families and (not finetunes or finetune in finetunes):
+            return label
+    return OTHER_GROUP
+
+
+def group_order(label: str) -> int:
+    labels = [g[0] for g in MISSION_GROUPS]
+    return labels.index(label) if label in labels else len(labels)
+
+
 _LOWER_IS_BETTER = ("ppl", "perplexity", "loss", "nll", "latency", "wall_s", "cpu_s", "gpu_s", "cost", "flops", "tokens", "rss", "bytes")
 
 
@@ -65,7 +95,7 @@ def quality_metrics(df: pd.DataFrame) -> list[str]:
 def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
     """architecture, family, finetune, then each quality metric followed by its CI bounds (when
     logged), then the training and inference cost columns of COST_KEYS that are present."""
-    columns = [c for c in ("architecture", "family", "finetune") if c in df.columns]
+    columns = [c for c in ("architecture", "family", "finetune", "group") if c in df.columns]
     for key in quality_metrics(df):
         columns.append(key)
         columns.extend(f"{key}{suffix}" for suffix in CI_SUFFIXES if f"{key}{suffix}" in df.columns)
@@ -154,17 +184,22 @@ def mlflow_compare_url(base_url: str, run_ids: list[str], experiment_ids: list[s
 # ------------------------------------------------------------------------------------------------
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars as Python ones (JSON-serialisable, exact)."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
+
+
 def paired_lookup(paired: pd.DataFrame | None, a: str, b: str, metric: str) -> dict[str, Any] | None:
     """The paired difference a − b on `metric` (from a row a−b, or a row b−a negated), or None."""
     if paired is None or paired.empty:
         return None
     rows = paired[(paired["metric"] == metric) & (paired["a"] == a) & (paired["b"] == b)]
     if len(rows):
-        return dict(rows.iloc[0])
+        return {k: _plain(v) for k, v in rows.iloc[0].items()}
     rows = paired[(paired["metric"] == metric) & (paired["a"] == b) & (paired["b"] == a)]
     if not len(rows):
         return None
-    row = dict(rows.iloc[0])
+    row = {k: _plain(v) for k, v in rows.iloc[0].items()}
     return {
         **row, "a": a, "b": b, "a_value": row["b_value"], "b_value": row["a_value"], "diff": -row["diff"],
         "ci_low": -row["ci_high"], "ci_high": -row["ci_low"], "a_better": row["b_better"], "b_better": row["a_better"],
