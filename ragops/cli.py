@@ -286,8 +286,8 @@ def print_retrieval_table(ws) -> None:
 
 #: Cost rows of the architecture table, after the quality metrics.
 COST_ROWS = (
-    "train/wall_s", "inference/wall_s", "inference/wall_s_per_1k_questions", "inference/flops",
-    "inference/tokens_prompt", "inference/cost_usd_per_1k_questions",
+    "train/wall_s", "inference/wall_s", "inference/qa/wall_s_per_1k_questions", "inference/lm/wall_s_per_1k_tokens",
+    "inference/flops", "inference/tokens_prompt", "inference/qa/cost_usd_per_1k_questions",
 )
 
 

@@ -4,15 +4,19 @@
 (when CUDA is used), and counts what a RAG system spends: LM tokens (prompt, retrieved,
 generated), estimated FLOPs, retrieval calls and index refreshes. Training and inference are
 metered separately (`phase`), so an architecture's one-off training cost is never mixed into its
-per-question inference cost.
+per-question inference cost; within a phase, `part(...)` meters each task on its own (the QA
+tasks per 1,000 questions, language modelling per 1,000 tokens), so one task's time is never
+divided by another task's count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -42,8 +46,15 @@ COUNTERS = (
 
 
 def forward_flops(n_params: int, n_tokens: int, n_layers: int = 0, d_model: int = 0, context: int = 0) -> float:
-    """Forward FLOPs: 2 per parameter per token, plus attention scores (2·layers·context·d_model per token)."""
-    return 2.0 * n_params * n_tokens + 2.0 * n_layers * context * d_model * n_tokens
+    """Forward FLOPs of `n_tokens` tokens that each attend to `context` positions.
+
+    2 per (non-embedding) parameter per token for the matrix multiplies, plus, per layer, the
+    attention scores Q·Kᵀ (2·context·d_model per token) and the attention-weighted sum of the
+    values (another 2·context·d_model per token): Hoffmann et al. 2022 (Chinchilla), App. F,
+    "key @ query logits" and "softmax @ query reductions", d_attn = heads × head size = d_model.
+    The softmax itself (~3·heads·context) is left out, as in Kaplan et al. 2020, Table 1.
+    """
+    return 2.0 * n_params * n_tokens + 4.0 * n_layers * context * d_model * n_tokens
 
 
 def training_flops(n_params: int, n_tokens: int, n_layers: int = 0, d_model: int = 0, context: int = 0) -> float:
@@ -76,6 +87,35 @@ class _PeakRSS:
 
 
 @dataclass
+class PartMeter:
+    """The share of a meter spent in one part of the work (e.g. the QA tasks, the `lm` task), with
+    the unit its cost is normalised by (per 1,000 questions, per 1,000 tokens)."""
+
+    name: str
+    unit: str
+    units: float = 0.0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    gpu_s: float = 0.0
+    counters: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0.0))
+
+    def metrics(self, cpu_hour_usd: float, gpu_hour_usd: float) -> dict[str, float]:
+        cost = self.cpu_s / 3600 * cpu_hour_usd + self.gpu_s / 3600 * gpu_hour_usd
+        values = {
+            "wall_s": self.wall_s, "cpu_s": self.cpu_s, "gpu_s": self.gpu_s, "cost_usd": cost,
+            "flops": self.counters["flops"], "retrieval_calls": self.counters["retrieval_calls"], self.unit: self.units,
+        }
+        if self.units:
+            per_1k = 1000.0 / self.units
+            values.update({
+                f"wall_s_per_1k_{self.unit}": self.wall_s * per_1k,
+                f"cost_usd_per_1k_{self.unit}": cost * per_1k,
+                f"flops_per_1k_{self.unit}": self.counters["flops"] * per_1k,
+            })
+        return values
+
+
+@dataclass
 class CostMeter:
     """Context manager: `with CostMeter("inference") as meter: ...; meter.add(tokens_prompt=...)`."""
 
@@ -88,6 +128,7 @@ class CostMeter:
     peak_rss_mb: float = 0.0
     gpu_s: float = 0.0
     gpu_peak_mb: float = 0.0
+    parts: dict[str, PartMeter] = field(default_factory=dict)
     _start_wall: float = 0.0
     _start_cpu: float = 0.0
     _rss: _PeakRSS | None = None
@@ -143,11 +184,34 @@ class CostMeter:
                 raise KeyError(f"unknown cost counter '{key}' (known: {', '.join(COUNTERS)})")
             self.counters[key] += float(value)
 
+    @contextlib.contextmanager
+    def part(self, name: str, unit: str) -> Iterator[PartMeter]:
+        """Meter a part of the work inside this (entered) meter separately: its wall, CPU and GPU
+        seconds and the counters added meanwhile go to `parts[name]` as well as to the whole.
+        Set `part.units` (questions, tokens) for its per-1,000 cost keys. Parts must not overlap."""
+        part = self.parts.setdefault(name, PartMeter(name, unit))
+        if part.unit != unit:
+            raise ValueError(f"cost part '{name}' is counted in {part.unit}, not {unit}")
+        counters = dict(self.counters)
+        wall, cpu = time.perf_counter(), _cpu_seconds()
+        try:
+            yield part
+        finally:
+            elapsed = time.perf_counter() - wall
+            part.wall_s += elapsed
+            part.cpu_s += _cpu_seconds() - cpu
+            if self._cuda:
+                part.gpu_s += elapsed
+            for key, value in self.counters.items():
+                part.counters[key] += value - counters[key]
+
     def set_params(self, total: int, trainable: int = 0) -> None:
         self.params_total, self.params_trainable = int(total), int(trainable)
 
     def metrics(self, cpu_hour_usd: float = 0.05, gpu_hour_usd: float = 2.5) -> dict[str, float]:
-        """Flat MLflow metrics: `{phase}/wall_s`, `{phase}/tokens_prompt`, ..., `{phase}/cost_usd`."""
+        """Flat MLflow metrics: `{phase}/wall_s`, `{phase}/tokens_prompt`, ..., `{phase}/cost_usd`,
+        and for each part `{phase}/{part}/wall_s`, `.../cost_usd`, `.../cost_usd_per_1k_{unit}`, ...
+        (e.g. `inference/qa/cost_usd_per_1k_questions`, `inference/lm/cost_usd_per_1k_tokens`)."""
         values = {
             "wall_s": self.wall_s,
             "cpu_s": self.cpu_s,
@@ -159,10 +223,8 @@ class CostMeter:
             "cost_usd": self.cpu_s / 3600 * cpu_hour_usd + self.gpu_s / 3600 * gpu_hour_usd,
             **self.counters,
         }
-        questions = self.counters["questions"]
-        if self.phase == "inference" and questions:
-            values["wall_s_per_1k_questions"] = self.wall_s / questions * 1000
-            values["cost_usd_per_1k_questions"] = values["cost_usd"] / questions * 1000
+        for name, part in sorted(self.parts.items()):
+            values.update({f"{name}/{key}": value for key, value in part.metrics(cpu_hour_usd, gpu_hour_usd).items()})
         return {f"{self.phase}/{key}": float(value) for key, value in values.items()}
 
 

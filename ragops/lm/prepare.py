@@ -9,6 +9,7 @@ and saved the same way, so evaluation always reads one format from one place.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -97,3 +98,25 @@ def prepare_lm(spec: str, out_dir: str | Path) -> dict[str, Any]:
         write_json(tmp / META_FILE, meta)
     meta["seconds"] = round(time.perf_counter() - start, 3)
     return meta
+
+
+def describe_lm(path: str | Path, model_config: Any = None) -> tuple[str, str]:
+    """(real name, quantisation) of the LM loaded from `path`.
+
+    A folder prepared from the packaged GGUF (its META_FILE says so) is named after the GGUF file,
+    e.g. `SmolLM2-135M-Instruct.Q4_1.gguf` -> ("SmolLM2-135M-Instruct", "Q4_1 GGUF, de-quantised to
+    float32"): its weights were quantised to Q4_1, so it is not the same model as the original
+    float weights. Another prepared folder is named by the spec it was prepared from; anything else
+    by its path. Quantisation otherwise comes from the model config's `quantization_config`."""
+    meta_file = Path(path) / META_FILE
+    meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
+    if meta.get("source") == "gguf":
+        stem = Path(str(meta.get("path", ""))).name.removesuffix(".gguf")
+        name, _, quant = stem.rpartition(".")
+        return (name, f"{quant} GGUF, de-quantised to float32") if name else (stem, "GGUF, de-quantised to float32")
+    name = str(meta.get("spec") or path)
+    quantization = getattr(model_config, "quantization_config", None) if model_config is not None else None
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+        return name, str(method or "quantised")
+    return name, "none"
