@@ -257,3 +257,25 @@ def test_champion_rule_for_a_lower_is_better_metric():
     overlapping = _paired_rows(("a", "b", "lm/token_ppl", -0.68, -1.5, 0.1))
     decision = decide_champion(table, "lm/token_ppl", "min", paired=overlapping)
     assert decision.architecture == "b" and decision.cost_metric == "inference/lm/cost_usd_per_1k_tokens"
+
+
+def test_training_cost_axis_keeps_methods_that_train_nothing(tmp_path):
+    from ragops.compare.plots import axis_scale
+
+    assert axis_scale([0.0, 0.0, 50.0, 3000.0]) == ("symlog", 50.0)  # log beyond 50, zeros still drawn
+    assert axis_scale([1.0, 1000.0]) == ("log", None)
+    assert axis_scale([0.0, 2.0, 3.0]) == ("linear", None)
+    assert axis_scale([0.0, 0.0]) == ("linear", None)
+    df = pd.DataFrame([
+        {"architecture": "closed_book", "family": "baseline", "finetune": "none", "q": 0.2, "train/cost_usd": 0.0},
+        {"architecture": "incontext_ralm", "family": "black-box", "finetune": "none", "q": 0.3, "train/cost_usd": 0.0},
+        {"architecture": "replug_lsr", "family": "black-box", "finetune": "retriever", "q": 0.35, "train/cost_usd": 40.0},
+        {"architecture": "atlas", "family": "white-box", "finetune": "joint", "q": 0.5, "train/cost_usd": 9000.0},
+    ])
+    out = plot_pareto(df, "q", "train/cost_usd", tmp_path / "t.png", tmp_path / "t.html")
+    # the two no-training methods cost the same (0): the better one dominates, the other is not "cheaper to train"
+    assert out["front"] == ["incontext_ralm", "replug_lsr", "atlas"] and out["scale"] == "symlog"
+    html = (tmp_path / "t.html").read_text()
+    assert '"type": "symlog"' in html and "closed_book" in html
+    for group in ("closed book", "black-box, no fine-tuning", "black-box, retriever fine-tuned", "white-box, co-trained"):
+        assert group in html

@@ -33,17 +33,17 @@ def style(group: str) -> dict[str, str]:
 def axis_scale(values: pd.Series | list[float]) -> tuple[str, float | None]:
     """("linear" | "log" | "symlog", linear threshold) for a cost axis.
 
-    Log when the positive costs span more than two decades; symlog (linear near 0, log beyond the
-    smallest positive cost) when such a range also holds exact zeros, e.g. training cost of methods
-    that train nothing next to ones that train for hours: log(0) would drop them from the plot.
+    Log when the positive costs span more than two decades. With exact zeros among them (training
+    cost of methods that train nothing next to ones that train for hours), log(0) would drop those
+    from the plot: symlog instead (linear up to the smallest positive cost, log beyond) as soon as
+    the positive costs span more than one decade.
     """
     data = pd.Series(values, dtype=float).dropna()
     positive = data[data > 0]
-    if len(positive) < 2 or positive.max() / positive.min() <= 100:
-        return "linear", None
+    span = positive.max() / positive.min() if len(positive) >= 2 else 1.0
     if (data <= 0).any():
-        return "symlog", float(positive.min())
-    return "log", None
+        return ("symlog", float(positive.min())) if span > 10 else ("linear", None)
+    return ("log", None) if span > 100 else ("linear", None)
 
 
 def plot_pareto(df: pd.DataFrame, quality_metric: str, cost_metric: str, png: str | Path, html: str | Path, *, title: str | None = None) -> dict[str, Any]:
