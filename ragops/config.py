@@ -94,6 +94,10 @@ class LMConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_length: int = Field(default=1024, ge=16)  # longest input the LM is given (prompt + passages)
     batch_tokens: int = Field(default=4096, ge=64)  # padded tokens per scoring batch
+    # What every scored held-out window begins with (the same for every architecture):
+    # separator = the model's document separator (<|endoftext|> for SmolLM2), bos, eos, none (no
+    # start token, the first token unscored, as the In-Context RALM reference), or a token string.
+    start_token: str = Field(default="separator", min_length=1)
 
 
 class EvalConfig(Section):

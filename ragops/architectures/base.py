@@ -316,7 +316,9 @@ class Architecture:
 
     # --- language modelling --------------------------------------------------------------------------------
     def score_documents(self, docs: pd.DataFrame, meter: CostMeter) -> pd.DataFrame:
-        """Per-document NLL of held-out `docs` (doc_id, title, text) under the plain LM.
+        """Per-document NLL of held-out `docs` (doc_id, title, text) under the plain LM, in the
+        windows of `CausalLM.document_windows` (each begins with the start token of `lm.start_token`;
+        without one, a document's first token is not scored: `n_tokens` counts scored tokens).
 
         Output columns: doc_id, nll_sum, n_tokens, n_words, retrieved_doc_ids, retrieved_scores,
         tokens_prompt, tokens_retrieved, tokens_scored, retrieval_calls.
@@ -324,7 +326,6 @@ class Architecture:
         import pandas as pd
 
         from ragops.architectures.prompts import document_text
-        from ragops.lm.model import sliding_windows
 
         lm = self.lm
         rows = []
@@ -334,7 +335,7 @@ class Architecture:
             texts = [document_text(d["title"], d["text"]) for _, d in batch.iterrows()]
             contexts, targets, owners = [], [], []
             for owner, ids in enumerate(lm.encode_batch(texts)):
-                for context, target in sliding_windows(ids, lm.max_length):
+                for context, target in lm.document_windows(ids):  # the start-token convention (lm.start_token)
                     contexts.append(context)
                     targets.append(target)
                     owners.append(owner)
@@ -346,7 +347,7 @@ class Architecture:
             for owner, context, lp in zip(owners, contexts, scored, strict=True):
                 sums[owner] -= float(lp.sum())
                 counts[owner] += len(lp)
-                prompt_tokens[owner] += max(len(context), 1)
+                prompt_tokens[owner] += len(context)
             for i, ((_, d), text) in enumerate(zip(batch.iterrows(), texts, strict=True)):
                 meter.add(tokens_prompt=int(prompt_tokens[i]), examples=1)
                 rows.append(

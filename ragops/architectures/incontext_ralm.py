@@ -5,10 +5,19 @@ QA: the top-k passages for the question go before it in the shared prompt.
 Language modelling (rag-methods.md §1): the document is scored in target spans of `stride`
 tokens. Before each span [b, e) (b > 0) the retriever is queried with the last `query_length`
 tokens of the prefix, x[b-ℓ:b], strictly before the target; the chosen passage is prepended to
-the window [passage; x[..b]] and x[b:e] is scored. The first span has no prefix and is scored
-like the plain LM. Ranking `first` takes the retriever's top passage; `logprob` takes, of the
-top `rerank_candidates`, the one under which the LM gives the last `rerank_tokens` prefix tokens
-the lowest NLL (still never looking at the target).
+the window [start; passage; x[..b]] and x[b:e] is scored. Every window begins with the same start
+token(s) as the closed book's (`lm.start_token`, `CausalLM.document_start`): the only difference
+between the two is the passage. The first span has no prefix and is scored like the plain LM
+(without a start token its first token is context only, as for every architecture). Ranking
+`first` takes the retriever's top passage; `logprob` takes, of the top `rerank_candidates`, the
+one under which the LM gives the last `rerank_tokens` prefix tokens the lowest NLL (still never
+looking at the target).
+
+Deviations from the reference implementation (Ram et al.'s code): retrieval starts at token
+`stride` (the first span is scored without a passage) rather than after a first full window;
+the passage is followed by a blank line (`\n\n`, `prompts.format_passage`); and with a start
+token the document's token 0 is scored (after the start token), where the reference leaves it
+unscored (`lm.start_token: none` reproduces that).
 
 Retrieval results are cached on disk by (document, begin, end) offsets in a file that records
 stride, query length, retriever, candidates and index (`shared.RetrievalCache`): reruns and sweeps
@@ -91,10 +100,10 @@ class InContextRALM(Architecture):
         from ragops.architectures.prompts import document_text
 
         opt, lm = self.options, self.lm
-        if opt.stride + opt.retrieved_max_length >= lm.max_length:
+        if opt.stride + opt.retrieved_max_length + len(lm.document_start) >= lm.max_length:
             raise ConfigError(
                 f"architectures.{self.name}: stride ({opt.stride}) + retrieved_max_length ({opt.retrieved_max_length}) "
-                f"must be below lm.max_length ({lm.max_length})"
+                f"+ the start token must be below lm.max_length ({lm.max_length})"
             )
         retriever = self.ctx.retriever(opt.retriever)
         cache = self.open_cache(retriever) if opt.cache_retrieval else None
@@ -197,20 +206,21 @@ class InContextRALM(Architecture):
         opt, lm = self.options, self.lm
         if opt.ranking == "first":
             return [h[0] if h else None for h in hits]
-        contexts, targets, owners = [], [], []
+        contexts, targets, owners, retrieved = [], [], [], 0
         for i, ((begin, _), candidates) in enumerate(zip(spans, hits, strict=True)):
             if not candidates:
                 continue
             split = max(0, begin - opt.rerank_tokens)
             for c, cand in enumerate(candidates[: opt.rerank_candidates]):
                 passage = self._ids_of(cand.chunk_id, cand.text)
-                start = max(0, begin - (lm.max_length - len(passage)))
-                contexts.append(passage + ids[min(start, split) : split])
+                start = max(0, begin - (lm.max_length - len(passage) - len(lm.document_start)))
+                contexts.append(lm.document_start + passage + ids[min(start, split) : split])
+                retrieved += len(passage)
                 targets.append(ids[split:begin])
                 owners.append((i, c))
         with lm.charged_to(meter):
             scored = lm.score_ids(contexts, targets)
-        meter.add(tokens_retrieved=sum(len(c) - len(t) for c, t in zip(contexts, targets, strict=True)))
+        meter.add(tokens_retrieved=retrieved)
         stats["rerank_pairs"] += len(contexts)
         best: dict[int, tuple[float, int]] = {}
         for (i, c), lp in zip(owners, scored, strict=True):
@@ -224,10 +234,14 @@ class InContextRALM(Architecture):
         spans = strided_spans(len(ids), opt.stride)
         hits = self._retrieve_spans(doc_id, ids, spans, retriever, cache, meter)
         chosen = self._choose(ids, spans, hits, meter, stats)
+        first = 0 if lm.document_start else 1  # without a start token, token 0 is context only
         jobs: list[_Job] = []
         for i, ((begin, end), passage) in enumerate(zip(spans, chosen, strict=True)):
+            begin = max(begin, first)
+            if begin >= end:
+                continue
             passage_ids = self._ids_of(passage.chunk_id, passage.text) if passage else []
-            start = max(0, end - (lm.max_length - len(passage_ids)))
+            start = max(0, end - (lm.max_length - len(passage_ids) - len(lm.document_start)))
             chunk_id = passage.chunk_id if passage else None
             last = jobs[-1] if jobs else None
             if opt.merge_windows and last and last.chunk_id == chunk_id and last.start == 0 and start == 0 and last.end == begin:
@@ -235,12 +249,13 @@ class InContextRALM(Architecture):
                 last.spans.append(i)
             else:
                 jobs.append(_Job(chunk_id, passage_ids, start, begin, end, [i]))
-        contexts = [job.passage_ids + ids[job.start : job.begin] for job in jobs]
+        contexts = [lm.document_start + job.passage_ids + ids[job.start : job.begin] for job in jobs]
         targets = [ids[job.begin : job.end] for job in jobs]
         with lm.charged_to(meter):
             scored = lm.score_ids(contexts, targets)
         tokens_retrieved = sum(len(job.passage_ids) for job in jobs)
-        tokens_prompt = sum(max(job.begin - job.start, 0 if job.passage_ids else 1) for job in jobs)
+        tokens_prompt = sum(len(lm.document_start) + job.begin - job.start for job in jobs)
+        n_scored = sum(len(target) for target in targets)
         meter.add(tokens_retrieved=tokens_retrieved, tokens_prompt=tokens_prompt, examples=1)
         stats["windows"] += len(jobs)
         stats["spans"] += len(spans)
@@ -249,13 +264,13 @@ class InContextRALM(Architecture):
         return {
             "doc_id": doc_id,
             "nll_sum": nll,
-            "n_tokens": len(ids),
+            "n_tokens": n_scored,
             "n_words": n_words,
             "retrieved_doc_ids": [p.doc_id if p else "" for p in used],
             "retrieved_scores": [p.score if p else float("nan") for p in used],
             "tokens_prompt": tokens_prompt,
             "tokens_retrieved": tokens_retrieved,
-            "tokens_scored": len(ids),
+            "tokens_scored": n_scored,
             "retrieval_calls": len(used),
             "lm_windows": len(jobs),
         }

@@ -135,8 +135,8 @@ def run_architecture(
 def conventions(config: Config, lm: CausalLM, prompt: str | None) -> dict[str, Any]:
     """What changes the numbers without being an option of the architecture, recorded as MLflow
     params with every evaluation: the prompt form, how passages are laid out, the LM's and the
-    encoder's real names and the LM's quantisation."""
-    from ragops.evaluation.prompts import format_passage
+    encoder's real names, the LM's quantisation and the token held-out text is scored after."""
+    from ragops.architectures.prompts import format_passage
     from ragops.lm.prepare import describe_lm
     from ragops.resources import encoder_name
 
@@ -148,5 +148,6 @@ def conventions(config: Config, lm: CausalLM, prompt: str | None) -> dict[str, A
         "prompt.passage_order": "best last (nearest the question)",
         "lm.name": lm_name,
         "lm.quantisation": quantisation,
+        "lm.document_start": lm.document_start_text,
         "encoder.name": encoder_name(config.embed.model),
     }

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ragops.cost import forward_flops
-from ragops.errors import RagopsError
+from ragops.errors import ConfigError, RagopsError
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 MIN_SHARED_CONTEXT = 16  # tokens: shorter shared contexts are recomputed per continuation
@@ -68,7 +68,9 @@ def resolve_device(device: str = "auto") -> str:
 class CausalLM:
     """Scoring and greedy generation over a Hugging Face causal LM (see the module docstring)."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_length: int = 1024, batch_tokens: int = 4096, name: str = "") -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, *, max_length: int = 1024, batch_tokens: int = 4096, name: str = "", start_token: str = "separator"
+    ) -> None:
         import torch
 
         self.model = model.eval()
@@ -90,7 +92,9 @@ class CausalLM:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.refresh_vocabulary()
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        self.start_id = int(start if start is not None else 0)
+        self.start_id = int(start if start is not None else 0)  # before an empty prompt (never a document)
+        self.start_token = start_token
+        self.document_start = document_start_ids(tokenizer, start_token, self.name)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.start_id)
         eos = getattr(model.generation_config, "eos_token_id", None) if getattr(model, "generation_config", None) else None
         eos_ids = {tokenizer.eos_token_id} | (set(eos) if isinstance(eos, (list, tuple)) else {eos})
@@ -99,6 +103,8 @@ class CausalLM:
 
     def refresh_vocabulary(self) -> None:
         """Re-read sizes after the model changed (e.g. embeddings resized for added tokens)."""
+        import torch
+
         model = self.model
         self._head = model.get_output_embeddings()
         config = model.config
@@ -109,7 +115,11 @@ class CausalLM:
         head_params = int(self._head.weight.numel())
         embeddings = model.get_input_embeddings()
         tied = embeddings is not None and embeddings.weight.data_ptr() == self._head.weight.data_ptr()
-        embed_params = int(embeddings.weight.numel()) if embeddings is not None else 0
+        # Every embedding table (tokens, and learned positions as in GPT-2) is a lookup, not a matmul.
+        tables = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        if embeddings is not None:
+            tables.setdefault(id(embeddings.weight), embeddings.weight.numel())
+        embed_params = int(sum(tables.values()))
         # Embedding lookups cost nothing; the vocabulary projection is charged per scored position.
         self._body_params = self.n_params - embed_params - (0 if tied else head_params)
         self._head_params = head_params
@@ -137,6 +147,7 @@ class CausalLM:
         dtype: str = "float32",
         max_length: int = 1024,
         batch_tokens: int = 4096,
+        start_token: str = "separator",
     ) -> CausalLM:
         """Load a prepared folder (see `prepare_lm`) or any local/offline HF causal LM."""
         import torch
@@ -153,7 +164,7 @@ class CausalLM:
         except (OSError, ValueError) as error:
             raise RagopsError(f"{path}: cannot load the language model ({str(error).splitlines()[0]})") from None
         model.to(device)
-        return cls(model, tokenizer, max_length=max_length, batch_tokens=batch_tokens, name=str(path))
+        return cls(model, tokenizer, max_length=max_length, batch_tokens=batch_tokens, name=str(path), start_token=start_token)
 
     @classmethod
     def from_config(cls, lm_config: Any, path: str | Path) -> CausalLM:
@@ -165,6 +176,7 @@ class CausalLM:
             dtype=lm_config.dtype,
             max_length=lm_config.max_length,
             batch_tokens=lm_config.batch_tokens,
+            start_token=lm_config.start_token,
         )
 
     # --- tokens ---------------------------------------------------------------------------------------
@@ -635,16 +647,28 @@ class CausalLM:
         return result
 
     # --- perplexity helpers ---------------------------------------------------------------------------
+    @property
+    def document_start_text(self) -> str:
+        """The start-token convention in words, for the record (an MLflow param)."""
+        if not self.document_start:
+            return "none (no start token; a document's first token is context only, never scored)"
+        return " ".join(self.tokenizer.convert_ids_to_tokens(self.document_start))
+
+    def document_windows(self, ids: Sequence[int], stride: int | None = None) -> list[tuple[list[int], list[int]]]:
+        """`document_windows` of `ids` under this LM's start-token convention and `max_length`."""
+        return document_windows(list(ids), self.max_length, self.document_start, stride)
+
     def token_logprobs(self, ids: Sequence[int], stride: int | None = None) -> np.ndarray:
-        """Log-prob of every token of `ids` (the first one given the start token), in windows of
-        at most `max_length` tokens that advance by `stride` (default: half the window), each
-        token scored once with as much left context as fits."""
+        """Log-prob of every scored token of document `ids` (see `document_windows`: all of them
+        after the start token, or all but the first without one), in windows of at most
+        `max_length` tokens that advance by `stride`, each token scored once with as much left
+        context as fits."""
         return self.token_logprobs_batch([ids], stride=stride)[0]
 
     def token_logprobs_batch(self, docs: Sequence[Sequence[int]], stride: int | None = None, progress: bool = False) -> list[np.ndarray]:
         contexts, continuations, owners = [], [], []
         for d, ids in enumerate(docs):
-            for context, target in sliding_windows(list(ids), self.max_length, stride):
+            for context, target in self.document_windows(ids, stride):
                 contexts.append(context)
                 continuations.append(target)
                 owners.append(d)
@@ -737,24 +761,63 @@ class CausalLM:
             self.counters.flops += forward_flops(self._head_params, n_logits)
 
 
-def sliding_windows(ids: list[int], max_length: int, stride: int | None = None) -> list[tuple[list[int], list[int]]]:
-    """(context, target) pairs covering every token of `ids` once; context + target <= max_length.
+SEPARATOR_TOKENS = ("<|endoftext|>", "<|end_of_text|>")  # document separators of GPT-2/SmolLM2/Qwen, Llama 3
 
-    The first window scores ids[:max_length-1] after the start token; each next window advances by
-    `stride` tokens (default half a window) and keeps the preceding tokens as context.
+
+def document_start_ids(tokenizer: Any, start_token: str, name: str = "the LM") -> list[int]:
+    """The token ids every scored document window begins with (`lm.start_token`):
+
+    - `separator` (default): the document separator the model was pretrained with between
+      documents: `<|endoftext|>` (GPT-2, SmolLM2, Qwen) or `<|end_of_text|>` (Llama 3) when the
+      vocabulary has it, else the EOS token. Not the BOS of an instruct model's chat template
+      (SmolLM2-Instruct's BOS is `<|im_start|>`, a chat-role token: 14.71 vs 13.05 token
+      perplexity on the default held-out articles).
+    - `bos` / `eos`: the tokenizer's BOS / EOS token.
+    - `none`: no start token; a document's first token is context only and never scored (as the
+      In-Context RALM reference code does).
+    - any other string: that token, which must be one token of the vocabulary.
     """
-    if not ids:
+    vocab = tokenizer.get_vocab()
+    if start_token == "none":
         return []
-    window = max_length - 1
-    stride = stride or max(1, window // 2)
-    if stride > window:
-        raise ValueError(f"stride {stride} exceeds the window of {window} tokens")
-    pairs = [([], ids[:window])]
-    end = min(window, len(ids))
+    if start_token == "separator":
+        token = next((t for t in SEPARATOR_TOKENS if t in vocab), tokenizer.eos_token)
+    elif start_token == "bos":
+        token = tokenizer.bos_token or tokenizer.eos_token
+    elif start_token == "eos":
+        token = tokenizer.eos_token
+    else:
+        token = start_token
+    if token is None or token not in vocab:
+        raise ConfigError(f"lm.start_token '{start_token}': {name} has no such token (use separator, bos, eos, none or one token of its vocabulary)")
+    return [int(vocab[token])]
+
+
+def document_windows(ids: list[int], max_length: int, start_ids: Sequence[int] = (), stride: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """(context, target) pairs that score a document once, under a start-token convention.
+
+    Every window's input is `start_ids` + document tokens, at most `max_length` tokens in all. With
+    start tokens, every document token is scored, the first one given the start tokens alone.
+    Without (`start_ids` empty), the first document token is context only: it has nothing to be
+    predicted from. The first window scores as many tokens as fit; each next window advances by
+    `stride` tokens (default: half a window) and keeps the preceding document tokens as context.
+    """
+    start = list(start_ids)
+    first = 0 if start else 1  # the first scored token
+    if len(ids) <= first:
+        return []
+    room = max_length - len(start)  # document tokens per window (context + target)
+    if room < 2:
+        raise ValueError(f"max_length {max_length} leaves no room for document tokens after {len(start)} start token(s)")
+    stride = stride or max(1, room // 2)
+    if stride >= room:
+        raise ValueError(f"stride {stride} must be smaller than the window of {room} document tokens")
+    end = min(room, len(ids))
+    pairs = [(start + ids[:first], ids[first:end])]
     while end < len(ids):
         new_end = min(end + stride, len(ids))
-        begin = max(0, new_end - max_length)
-        pairs.append((ids[begin:end], ids[end:new_end]))
+        begin = max(0, new_end - room)
+        pairs.append((start + ids[begin:end], ids[end:new_end]))
         end = new_end
     return pairs
 
