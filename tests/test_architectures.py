@@ -18,7 +18,7 @@ import torch
 
 from ragops.architectures.base import ArchitectureContext
 from ragops.architectures.closed_book import ClosedBook
-from ragops.architectures.incontext_ralm import InContextRALM, InContextRALMOptions, query_window, strided_spans
+from ragops.architectures.incontext_ralm import InContextRALM, InContextRALMOptions
 from ragops.architectures.shared import RefreshSchedule, RetrievalCache, kl_distill
 from ragops.retrieval.types import Passage
 from ragops.params import resolve
@@ -200,15 +200,12 @@ def test_strided_retrieval_queries_only_the_prefix(ws, tiny_lm, bm25):
     meter = CostMeter("inference")
     out = arch.score_documents(docs, meter)
     ids = tiny_lm.encode(document_text(docs.at[0, "title"], docs.at[0, "text"]))
-    spans = strided_spans(len(ids), 8)
-    expected = [tiny_lm.decode(ids[slice(*query_window(b, 5))]) for b, _ in spans if b > 0]
-    assert len(recorder.queries) == len(spans) - 1 == out.at[0, "retrieval_calls"] == meter.counters["retrieval_calls"]
-    assert recorder.queries == expected  # one query per stride window, the 5 tokens just before it
-    for b, _ in spans[1:]:
-        q0, q1 = query_window(b, 5)
-        assert q1 == b and q1 - q0 == min(5, b)
+    # spans start at 0, 8, 16, ...; before each but the first, the query is the 5 tokens just before it
+    expected = [tiny_lm.decode(ids[begin - 5 : begin]) for begin in range(8, len(ids), 8)]
+    assert len(recorder.queries) == len(expected) == out.at[0, "retrieval_calls"] == meter.counters["retrieval_calls"]
+    assert recorder.queries == expected
     assert all(call[2] == [{docs.at[0, "doc_id"]}] * len(call[0]) for call in recorder.calls)
-    assert out.at[0, "n_tokens"] == len(ids)
+    assert out.at[0, "n_tokens"] == len(ids)  # after the start token, every token is scored
 
 
 def test_merged_windows_are_exact_and_cheaper(ws, tiny_lm, bm25):
@@ -256,57 +253,108 @@ def test_cache_entry_with_another_query_is_a_miss(tmp_path):
         RetrievalCache(tmp_path / "c.json", {"stride": 4, "query_length": 32})
 
 
-def test_logprob_ranking_picks_the_passage_that_best_predicts_the_prefix(ws, tiny_lm, bm25):
+def test_logprob_ranking_picks_the_passage_that_best_predicts_the_prefix(ws, tiny_lm, bm25, tiny_lm_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     docs = heldout_docs(ws, ["Apollo 11"])
     arch = ralm(ws, tiny_lm, bm25, stride=16, query_length=32, ranking="logprob", rerank_candidates=3, rerank_tokens=6,
                 cache_retrieval=False, merge_windows=False)
     out = arch.score_documents(docs, CostMeter())
-    ids = tiny_lm.encode(document_text(docs.at[0, "title"], docs.at[0, "text"]))
-    spans = strided_spans(len(ids), 16)
-    for n, (begin, _) in enumerate(spans[1:]):  # the first span with three BM25 candidates
-        query = tiny_lm.decode(ids[slice(*query_window(begin, 32))])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = encode(document_text(docs.at[0, "title"], docs.at[0, "text"]))
+    for n, begin in enumerate(range(16, len(ids), 16)):  # the first span with three BM25 candidates
+        query = tokenizer.decode(ids[max(0, begin - 32) : begin], skip_special_tokens=True)
         result = bm25.search([query], 3, exclude_doc_ids=[{docs.at[0, "doc_id"]}])
         if len(result.chunk_ids[0]) == 3:
             break
     else:
         pytest.fail("no span with three candidates")
+    # each candidate's NLL of the 6 prefix tokens before the span, given [separator; passage; blank line; earlier prefix]
+    separator, blank_line = tokenizer.convert_tokens_to_ids("<|endoftext|>"), encode("x\n\n")[len(encode("x")):]
     nll = []
-    for chunk_id, text in zip(result.chunk_ids[0], result.texts[0], strict=True):
-        passage = arch._ids_of(chunk_id, text)
-        lp = tiny_lm.score_ids([passage + ids[: begin - 6]], [ids[begin - 6 : begin]])[0]
-        nll.append(-lp.sum())
+    for text in result.texts[0]:
+        window = [separator, *encode(text.strip())[: 128 - len(blank_line)], *blank_line, *ids[:begin]]  # retrieved_max_length 128
+        logp = plain_logprobs(model, window)
+        nll.append(-sum(float(logp[len(window) - begin + j - 1, ids[j]]) for j in range(begin - 6, begin)))
     assert len(set(np.round(nll, 6))) == 3
     assert out.at[0, "retrieved_doc_ids"][n] == result.doc_ids[0][int(np.argmin(nll))]
     assert arch.info["lm"]["rerank_pairs"] >= 3
 
 
-def test_ralm_lm_context_is_passage_then_prefix(ws, tiny_lm, bm25):
-    """One span scored by hand: [top passage; all prefix tokens] -> target tokens."""
-    docs = heldout_docs(ws, ["Isaac Newton"])
-    arch = ralm(ws, tiny_lm, bm25, stride=8, query_length=8, cache_retrieval=False, merge_windows=False)
+def plain_logprobs(model, input_ids: list[int]):
+    """log p(next token) at every position of one plain, unbatched, uncached forward."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([input_ids])).logits[0].double(), dim=-1)
+
+
+def reference_ralm_nll(tokenizer, model, retriever, doc_id, text, *, stride, query_length, max_length, retrieved_max_length, start_ids):
+    """In-Context RALM's document NLL, written out as a straightforward loop: for every span of
+    `stride` tokens, retrieve with the `query_length` tokens before it (never for the first span),
+    prepend the top passage (its tokens, then those of a blank line), keep as much of the document
+    prefix as fits, run one plain forward and add up the span's log-probs."""
+    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = encode(text)
+    blank_line = encode("x\n\n")[len(encode("x")):]
+    first = 0 if start_ids else 1
+    total = 0.0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + stride, len(ids))
+        passage = []
+        if begin > 0:
+            query = tokenizer.decode(ids[max(0, begin - query_length):begin], skip_special_tokens=True)
+            top = retriever.search([query], 1, exclude_doc_ids=[{doc_id}])
+            if top.chunk_ids[0]:
+                passage = encode(top.texts[0][0].strip())[: retrieved_max_length - len(blank_line)] + blank_line
+        keep = max_length - len(start_ids) - len(passage)  # document tokens that fit in the window
+        since = max(0, end - keep)
+        window = [*start_ids, *passage, *ids[since:end]]
+        logp = plain_logprobs(model, window)
+        offset = len(start_ids) + len(passage) - since  # ids[j] sits at window position offset + j
+        for j in range(max(begin, first), end):
+            total -= float(logp[offset + j - 1, ids[j]])
+    return total, len(ids) - first
+
+
+@pytest.mark.parametrize("start_token", ["separator", "none"])
+def test_ralm_document_nll_equals_a_reference_loop(ws, bm25, tiny_lm_dir, start_token):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    lm = CausalLM.load(tiny_lm_dir, device="cpu", max_length=160, batch_tokens=2048, start_token=start_token)
+    docs = heldout_docs(ws, ["Isaac Newton", "Apollo 11"])
+    arch = ralm(ws, lm, bm25, stride=8, query_length=8, retrieved_max_length=64, cache_retrieval=False)
     out = arch.score_documents(docs, CostMeter())
-    ids = tiny_lm.encode(document_text(docs.at[0, "title"], docs.at[0, "text"]))
-    total = -tiny_lm.score_ids([[]], [ids[:8]])[0].sum()
-    hits = 0
-    for begin, end in strided_spans(len(ids), 8)[1:]:
-        query = tiny_lm.decode(ids[slice(*query_window(begin, 8))])
-        top = bm25.search([query], 1, exclude_doc_ids=[{docs.at[0, "doc_id"]}])
-        passage = arch._ids_of(top.chunk_ids[0][0], top.texts[0][0]) if top.chunk_ids[0] else []
-        hits += bool(passage)
-        start = max(0, end - (tiny_lm.max_length - len(passage)))
-        total -= tiny_lm.score_ids([passage + ids[start:begin]], [ids[begin:end]])[0].sum()
-    assert hits > 3
-    assert out.at[0, "nll_sum"] == pytest.approx(total, rel=1e-4)
+    start_ids = [tokenizer.convert_tokens_to_ids("<|endoftext|>")] if start_token == "separator" else []
+    for row, (_, doc) in zip(out.itertuples(), docs.iterrows(), strict=True):
+        text = document_text(doc["title"], doc["text"])
+        want, n_scored = reference_ralm_nll(tokenizer, model, bm25, doc["doc_id"], text, stride=8, query_length=8, max_length=160,
+                                            retrieved_max_length=64, start_ids=start_ids)
+        assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) > 160  # long enough to slide the window
+        assert row.n_tokens == n_scored
+        assert row.nll_sum == pytest.approx(want, rel=1e-5)
 
 
-def test_closed_book_lm_equals_plain_perplexity(ws, tiny_lm):
+def test_closed_book_document_nll_by_hand(ws, tiny_lm_dir):
+    """Closed book scores each held-out document after the document separator, all tokens in one
+    window when it fits: the NLL of one plain forward over [<|endoftext|>, x0, x1, ...]."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    lm = CausalLM.load(tiny_lm_dir, device="cpu", max_length=1024)
     docs = heldout_docs(ws, ["Apollo 11", "Isaac Newton"])
-    ctx = ArchitectureContext(ws, make_config(), ws.architecture_dir("closed_book"), progress=False, lm_override=tiny_lm)
+    ctx = ArchitectureContext(ws, make_config(), ws.architecture_dir("closed_book"), progress=False, lm_override=lm)
     out = ClosedBook(ctx).score_documents(docs, CostMeter())
-    texts = [document_text(t, x) for t, x in zip(docs["title"], docs["text"], strict=True)]
-    plain = tiny_lm.perplexity(texts)
-    assert out["nll_sum"].sum() == pytest.approx(plain["nll"], rel=1e-5)
-    assert out["n_tokens"].sum() == plain["tokens"]
+    separator = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    for row, (_, doc) in zip(out.itertuples(), docs.iterrows(), strict=True):
+        ids = tokenizer(document_text(doc["title"], doc["text"]), add_special_tokens=False)["input_ids"]
+        assert len(ids) < 1023  # one window
+        logp = plain_logprobs(model, [separator, *ids])
+        assert row.n_tokens == len(ids)
+        assert row.nll_sum == pytest.approx(-sum(float(logp[j, t]) for j, t in enumerate(ids)), rel=1e-5)
 
 
 def test_kl_distill_hand_example():
@@ -359,7 +407,15 @@ def test_sweep_table_and_plot(ws, tiny_lm, bm25, tmp_path):
     table = run_sweep(ws, make_config(), progress=False, lm=tiny_lm, retrievers={"bm25": bm25})
     assert list(table.columns) == ["stride", "query_length", "token_ppl", "word_ppl", "wall_s", "lm_tokens", "retrieval_calls"]
     assert sorted(zip(table["stride"], table["query_length"])) == [(8, 8), (16, 8)]
-    assert (table["token_ppl"] > 1).all() and (table["word_ppl"] > table["token_ppl"]).all()
+    # each point is In-Context RALM with that stride and query length on the dev half's first article
+    from ragops.evaluation.data import load_heldout
+
+    dev = load_heldout(ws, "dev", 1)
+    for stride in (8, 16):
+        scored = ralm(ws, tiny_lm, bm25, stride=stride, query_length=8).score_documents(dev, CostMeter())
+        point = table.set_index("stride").loc[stride]
+        assert point["token_ppl"] == pytest.approx(np.exp(scored["nll_sum"].sum() / scored["n_tokens"].sum()), rel=1e-6)
+        assert point["word_ppl"] == pytest.approx(np.exp(scored["nll_sum"].sum() / scored["n_words"].sum()), rel=1e-6)
     calls = dict(zip(table["stride"], table["retrieval_calls"]))
     assert calls[8] > calls[16] > 0  # a smaller stride retrieves more often
     assert "closed_book" in table.attrs

@@ -263,13 +263,16 @@ def test_evaluate_flow_fans_out_and_compares(prefect_api, tmp_path, mlflow_store
     from ragops.tracking import tracked_run
     from tests.compare_fixtures import write_fake_architecture
 
-    threads = []  # no params.yaml in tmp_path: the defaults (closed_book, incontext_ralm)
+    threads, intervals = [], []  # no params.yaml in tmp_path: the defaults (closed_book, incontext_ralm)
 
     def fake_prepare_lm(ws, config, *, parent_run_id=None, **_):
         return stages.StageOutcome("prepare_lm", True, {"params": 135})
 
     def fake_evaluate_architecture(ws, config, name, *, parent_run_id=None, **_):
+        started = time.monotonic()
         threads.append(threading.get_ident())
+        time.sleep(0.2)  # long enough that concurrent calls would overlap
+        intervals.append((started, time.monotonic()))
         if name == "broken":
             raise RuntimeError("out of memory")
         spec = FAKE_ARCHITECTURES[name]
@@ -285,6 +288,7 @@ def test_evaluate_flow_fans_out_and_compares(prefect_api, tmp_path, mlflow_store
     # "broken" is not configured, so its train stage fails (one line naming the configured ones) and it is not evaluated
     assert state.is_failed() and "train@broken: ConfigError" in str(result) and "evaluate@broken" not in str(result)
     threads.clear()
+    intervals.clear()
     state, result, flow_run_id = _run(evaluate, workspace=str(tmp_path))
     assert state.is_completed(), result
     labels = [o["label"] for o in result["outcomes"]]
@@ -310,6 +314,8 @@ def test_evaluate_flow_fans_out_and_compares(prefect_api, tmp_path, mlflow_store
     # Evaluated through the task runner, one at a time in its single worker thread (accurate cost
     # meters), not in the flow's thread.
     assert len(threads) == 2 and len(set(threads)) == 1 and threading.get_ident() not in threads
+    (_, first_end), (second_start, _) = sorted(intervals)
+    assert first_end <= second_start  # one after the other
 
 
 TWO = ["closed_book", "incontext_ralm"]  # the flow's mechanics; every architecture runs end to end in test_pipeline.py

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ragops.lm import CausalLM, prepare_lm, sliding_windows
+from ragops.lm import CausalLM, document_windows, prepare_lm
 from ragops.lm.prepare import META_FILE
 
 TEXTS = [
@@ -91,10 +91,23 @@ def test_batched_equals_unbatched_and_counts_tokens(lm):
     single = [lm.score([c], [k])[0] for c, k in zip(contexts, continuations, strict=True)]
     for a, b in zip(batched, single, strict=True):
         np.testing.assert_allclose(a, b, atol=2e-4)
-    assert spent["tokens_scored"] == sum(len(lm.encode(k)) for k in continuations)
-    assert spent["flops"] > 0
-    # the batch budget (256 padded tokens) forces several batches and sorting keeps padding low
-    assert spent["forward_passes"] >= 1
+    n_ctx = [len(lm.encode(c)) for c in contexts]
+    n_cont = [len(lm.encode(k)) for k in continuations]
+    assert spent["tokens_scored"] == sum(n_cont)
+    pairs = [(c, k) for c, k in zip(n_ctx, n_cont, strict=True) if k]  # an empty continuation is not run
+    assert len(pairs) == 4 and spent["tokens_forward"] == sum(c + k for c, k in pairs)  # each real token once, padding apart
+    # FLOPs by the published per-token count (2 per non-embedding parameter, 4·layers·context·d_model
+    # for attention scores and values, the mean causal context of a sequence of n being (n + 1) / 2),
+    # plus the vocabulary projection of the scored positions only
+    model = lm.model
+    vocab, d, layers = model.config.vocab_size, model.config.hidden_size, model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layer
+    embeddings = sum(p.numel() for n, p in model.named_parameters() if "embed" in n or n.endswith(("wte.weight", "wpe.weight")))
+    body = sum(p.numel() for p in model.parameters()) - embeddings
+    want = 0.0
+    for c, k in pairs:
+        n = c + k
+        want += 2 * body * n + 4 * layers * round((n + 1) / 2) * d * n + 2 * vocab * d * k
+    assert spent["flops"] == pytest.approx(want, rel=1e-9)
 
 
 def test_shared_context_reuses_its_kv_cache(lm):
@@ -164,28 +177,83 @@ def test_score_and_generate_share_the_prompt_forward(lm):
     assert prompt_tokens > spent["tokens_generated"]
 
 
-def test_sliding_windows_cover_every_token_once():
-    ids = list(range(1000))
-    windows = sliding_windows(ids, max_length=64, stride=20)
-    targets = [t for _, target in windows for t in target]
-    assert targets == ids
+def test_document_windows_score_every_token_once_after_the_start_token():
+    ids = list(range(100, 1100))
+    windows = document_windows(ids, max_length=64, start_ids=[7], stride=20)
+    assert [t for _, target in windows for t in target] == ids  # every token, token 0 included
+    assert windows[0] == ([7], ids[:63])  # the first window: the start token, then 63 document tokens
     for context, target in windows:
-        assert len(context) + len(target) <= 64
-        if context:
-            assert context[-1] + 1 == target[0]  # context is exactly the tokens before the target
+        assert context[0] == 7 and len(context) + len(target) <= 64  # every window begins with it
+        if len(context) > 1:
+            assert context[-1] + 1 == target[0]  # then exactly the tokens before the target
+    # no start token: the first token is context only, every later one is scored once
+    bare = document_windows(ids, max_length=64, start_ids=[], stride=20)
+    assert [t for _, target in bare for t in target] == ids[1:]
+    assert bare[0] == ([100], ids[1:64])
+    assert all(context[-1] + 1 == target[0] and len(context) + len(target) <= 64 for context, target in bare)
+    assert document_windows([5], 64, []) == [] and document_windows([5], 64, [7]) == [([7], [5])]
 
 
 def test_token_logprobs_over_windows(lm):
     ids = lm.encode(" ".join(TEXTS * 4))
     assert len(ids) > lm.max_length
     got = lm.token_logprobs(ids, stride=40)
-    want = np.concatenate([manual_logprobs(lm, c, t) for c, t in sliding_windows(ids, lm.max_length, 40)])
+    want = np.concatenate([manual_logprobs(lm, c, t) for c, t in document_windows(ids, lm.max_length, lm.document_start, 40)])
     assert got.shape == (len(ids),)
     np.testing.assert_allclose(got, want, atol=2e-4)
     ppl = lm.perplexity(TEXTS)
     assert ppl["tokens"] == sum(len(lm.encode(t)) for t in TEXTS)
     assert ppl["words"] == sum(len(t.split()) for t in TEXTS)
-    assert ppl["word_ppl"] > ppl["token_ppl"] > 1  # more tokens than words
+
+
+def _plain_nll(model, input_ids: list[int], first_scored: int) -> float:
+    """−Σ log p(x_i | x_<i) for i >= first_scored, from one plain forward and a log-softmax."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([input_ids])).logits[0].double(), dim=-1)
+    return -sum(float(logp[i - 1, input_ids[i]]) for i in range(first_scored, len(input_ids)))
+
+
+@pytest.mark.parametrize("convention", ["separator", "none"])
+def test_perplexity_of_a_fixed_text_by_hand(tiny_lm_dir, convention):
+    """The tiny LM's perplexity of a fixed text, computed here with a plain forward: after the
+    document separator (<|endoftext|>) every token is scored; with no start token the first is not."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = "The Eiffel Tower is a wrought-iron lattice tower in Paris."
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if convention == "separator":
+        nll, n = _plain_nll(model, [tokenizer.convert_tokens_to_ids("<|endoftext|>"), *ids], 1), len(ids)
+    else:
+        nll, n = _plain_nll(model, ids, 1), len(ids) - 1
+    lm = CausalLM.load(tiny_lm_dir, device="cpu", start_token=convention)
+    got = lm.perplexity([text])
+    assert got["tokens"] == n
+    assert got["nll"] == pytest.approx(nll, rel=1e-5)
+    assert got["token_ppl"] == pytest.approx(np.exp(nll / n), rel=1e-5)
+    assert got["word_ppl"] == pytest.approx(np.exp(nll / len(text.split())), rel=1e-5)
+
+
+def test_start_token_is_resolved_or_refused(tiny_lm_dir):
+    from ragops.errors import ConfigError
+    from ragops.lm.model import document_start_ids
+
+    class SmolLM2Like:
+        """SmolLM2-Instruct's special tokens: BOS is the chat-role token, <|endoftext|> separates documents."""
+
+        bos_token, eos_token = "<|im_start|>", "<|im_end|>"
+
+        def get_vocab(self):
+            return {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "a": 3}
+
+    smol = SmolLM2Like()
+    assert document_start_ids(smol, "separator") == [0]
+    assert document_start_ids(smol, "bos") == [1] and document_start_ids(smol, "eos") == [2]
+    assert document_start_ids(smol, "none") == [] and document_start_ids(smol, "a") == [3]
+    with pytest.raises(ConfigError, match="lm.start_token '<s>'"):
+        document_start_ids(smol, "<s>")
+    assert CausalLM.load(tiny_lm_dir, device="cpu").document_start_text == "<|endoftext|>"
 
 
 def test_prepare_lm_round_trips_a_local_folder(tiny_lm_dir, tmp_path):
@@ -193,7 +261,9 @@ def test_prepare_lm_round_trips_a_local_folder(tiny_lm_dir, tmp_path):
 
     out = tmp_path / "prepared"
     meta = prepare_lm(str(tiny_lm_dir), out)
-    assert meta["source"] == "local" and meta["params"] > 0 and meta["seconds"] >= 0
+    from transformers import AutoModelForCausalLM as Auto
+
+    assert meta["source"] == "local" and meta["params"] == sum(p.numel() for p in Auto.from_pretrained(tiny_lm_dir).parameters())
     assert (out / "model.safetensors").exists() and (out / META_FILE).exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prepared")]  # atomic: no leftovers
     start = time.perf_counter()
