@@ -202,3 +202,33 @@ def compare(
     for path in summary.get("files") or []:
         if path.endswith((".png", ".html")):
             _link(f"plot: {path}")
+
+
+@app.command()
+def report(
+    ctx: typer.Context,
+    black_box_only: Annotated[Optional[bool], typer.Option("--black-box-only/--any-lm", help="My LM is only reachable through an API: recommend black-box methods only (default: params.yaml report.black_box_only).")] = None,
+    max_train_hours: Annotated[Optional[float], typer.Option("--max-train-hours", min=0, help="Training budget in measured wall-clock hours.")] = None,
+    max_latency_ms: Annotated[Optional[float], typer.Option("--max-latency-ms", min=0, help="Latency budget: mean wall-clock ms per question.")] = None,
+    metric: Annotated[Optional[str], typer.Option("--metric", help="Quality to optimise (default: report.metric, else champion.metric), e.g. identify/f1, lm/token_ppl.")] = None,
+) -> None:
+    """Which architecture should I ship? One self-contained HTML page and a Markdown version
+    (artifacts/report/): the families side by side, quality with CIs, training and inference cost,
+    latency, Pareto fronts, paired comparisons, and the recommendation for your constraints."""
+    from ragops import stages
+
+    ws, config = ctx.obj.load()
+    summary = stages.report(ws, config, black_box_only=black_box_only, max_train_hours=max_train_hours,
+                            max_latency_ms=max_latency_ms, metric=metric).summary
+    rec = summary["recommendation"]
+    for line in recommendation_lines(rec):
+        console.print(line, soft_wrap=True)
+    for path in summary.get("files") or []:
+        _link(f"report: {path}")
+
+
+def recommendation_lines(rec: dict) -> list[str]:
+    head = f"[bold]recommended[/]: {rec['architecture']}" if rec["architecture"] else "[bold red]no recommendation[/]"
+    lines = [f"{head} ({rec['metric']}) — {rec['reason']}"]
+    lines += [f"  excluded {name}: {why}" for name, why in rec["excluded"].items()]
+    return lines

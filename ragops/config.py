@@ -193,6 +193,15 @@ class ChampionConfig(Section):
     alias: str = "champion"
 
 
+class ReportConfig(Section):
+    """The user's constraints for `ragops report`'s recommendation (its options override these)."""
+
+    black_box_only: bool = False  # the LM is only reachable through an API: no method that changes its weights
+    max_train_hours: float | None = Field(default=None, ge=0)  # training wall-clock budget (measured hours)
+    max_latency_ms: float | None = Field(default=None, gt=0)  # mean wall-clock ms per question (batched)
+    metric: str | None = None  # the quality to optimise (default: champion.metric)
+
+
 class Config(Section):
     profile: str = "default"
     seed: int = 13
@@ -212,6 +221,7 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     champion: ChampionConfig = ChampionConfig()
+    report: ReportConfig = ReportConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -93,6 +93,10 @@ class Workspace:
     def compare_dir(self) -> Path:
         return self.artifacts / "compare"
 
+    @property
+    def report_dir(self) -> Path:  # `ragops report` for constraints other than params.yaml's (not a DVC output)
+        return self.artifacts / "report"
+
     # --- metrics and plots (small, git-tracked, diffable by `dvc metrics diff`) ---------------------
     @property
     def metrics_dir(self) -> Path:

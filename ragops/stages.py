@@ -727,7 +727,7 @@ def _compare_spec(ws: Workspace, config: Config) -> dict[str, Any]:
         "out_dir": ws.compare_dir,
         "inputs": input_files(ws, names),
         "params": {
-            "architectures": names, "champion": config.section("champion"), "seed": config.seed,
+            "architectures": names, "champion": config.section("champion"), "report": config.section("report"), "seed": config.seed,
             "eval": {k: config.eval.model_dump()[k] for k in ("bootstrap_samples", "confidence")},
         },
     }
@@ -789,6 +789,23 @@ def compare(ws: Workspace, config: Config, *, parent_run_id: str | None = None, 
     if registered and outcome.summary.get("champion"):
         outcome.summary["champion"] = {**outcome.summary["champion"], **{k: registered[k] for k in ("uri", "version", "new_version")}}
     return outcome
+
+
+def report(
+    ws: Workspace, config: Config, *, black_box_only: bool | None = None, max_train_hours: float | None = None,
+    max_latency_ms: float | None = None, metric: str | None = None, parent_run_id: str | None = None,
+) -> StageOutcome:
+    """The decision report for these constraints (params.yaml's `report:` where not given), from the
+    same inputs as compare: report.html, report.md and the Pareto plots in artifacts/report/,
+    logged to MLflow (a `report` run). Never skipped: it is cheap and asked for by hand."""
+    from ragops.compare.build import build_report, constraints_from
+
+    constraints = constraints_from(config, black_box_only=black_box_only, max_train_hours=max_train_hours, max_latency_ms=max_latency_ms)
+    params = {"constraints": constraints.__dict__, "metric": metric or config.report.metric or config.champion.metric}
+    with tracked_run(ws, config, "report", kind="report", parent_run_id=parent_run_id, params=params) as run:
+        summary = build_report(ws, config, ws.report_dir, constraints, metric)
+        run.log_artifact(ws.report_dir, "report")
+    return StageOutcome("report", False, summary, run.run_id)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -311,6 +311,8 @@ def test_evaluate_flow_fans_out_and_compares(prefect_api, tmp_path, mlflow_store
     page = f"{mlflow_ui.url}/#/experiments/{mlflow.get_run(parent).info.experiment_id}/runs/{parent}"
     assert artifacts["ragops-evaluate-mlflow-run"].data == f"[MLflow run {parent}]({page})"  # Prefect stores links as markdown
     assert f"- MLflow run: [{parent}]({page})" in artifacts["ragops-evaluate-summary"].data
+    report = artifacts["ragops-report"].data  # the decision report, as a markdown artifact
+    assert "# Which architecture should I ship?" in report and "**incontext_ralm**" in report and "(plot: " in report
     # Evaluated through the task runner, one at a time in its single worker thread (accurate cost
     # meters), not in the flow's thread.
     assert len(threads) == 2 and len(set(threads)) == 1 and threading.get_ident() not in threads

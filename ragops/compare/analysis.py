@@ -222,7 +222,8 @@ def format_difference(row: dict[str, Any] | None) -> str:
     if row is None:
         return "—"
     mark = "" if row.get("significant", row["ci_low"] > 0 or row["ci_high"] < 0) else " (n.s.)"
-    return f"{row['diff']:+.3g} [{row['ci_low']:+.3g}, {row['ci_high']:+.3g}]{mark}"
+    diff, low, high = (float(row[k]) + 0.0 for k in ("diff", "ci_low", "ci_high"))  # + 0.0: no "-0"
+    return f"{diff:+.3g} [{low:+.3g}, {high:+.3g}]{mark}"
 
 
 @dataclass
@@ -310,3 +311,104 @@ def decide_champion(
                   f"({cost_metric} {cost(winner):.4g} vs {cost(best):.4g})")
     return ChampionDecision(str(winner["architecture"]), metric, float(winner[metric]), reason, name,
                             [str(r["architecture"]) for r in tied], cost_metric)
+
+
+# ------------------------------------------------------------------------------------------------
+# The recommendation for a user's constraints
+# ------------------------------------------------------------------------------------------------
+
+TRAIN_WALL = "train/wall_s"
+LATENCY = "inference/qa/wall_s_per_1k_questions"  # seconds per 1,000 questions = mean ms per question
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What the user can live with: an LM reachable only through an API (black-box methods only),
+    a training budget, a latency budget."""
+
+    black_box_only: bool = False
+    max_train_hours: float | None = None
+    max_latency_ms: float | None = None
+
+    def describe(self) -> list[str]:
+        return [
+            f"LM reachable only through an API (black-box methods only): {'yes' if self.black_box_only else 'no'}",
+            f"training budget: {'none' if self.max_train_hours is None else f'{self.max_train_hours:g} h'}",
+            f"latency budget: {'none' if self.max_latency_ms is None else f'{self.max_latency_ms:g} ms per question'}",
+        ]
+
+
+@dataclass
+class Recommendation:
+    architecture: str | None
+    metric: str
+    reason: str
+    constraints: Constraints
+    excluded: dict[str, str] = field(default_factory=dict)  # architecture -> why the constraints rule it out
+    candidates: list[str] = field(default_factory=list)
+    decision: ChampionDecision | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture, "metric": self.metric, "reason": self.reason,
+            "constraints": asdict(self.constraints), "excluded": dict(self.excluded), "candidates": list(self.candidates),
+            "decision": self.decision.as_dict() if self.decision else None,
+        }
+
+
+def _value(row: dict[str, Any], key: str) -> float | None:
+    value = row.get(key)
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def exclusion(row: dict[str, Any], constraints: Constraints) -> str | None:
+    """Why `constraints` rule this architecture out (None: they do not)."""
+    if constraints.black_box_only and row.get("family") == "white-box":
+        what = {"lm": "fine-tunes the LM", "joint": "trains the LM together with the retriever"}.get(str(row.get("finetune")), "needs the LM's weights")
+        return f"white-box: it {what}, which an LM behind an API does not allow"
+    if constraints.max_train_hours is not None:
+        hours = _value(row, TRAIN_WALL)
+        if hours is None and row.get("finetune") not in (None, "none"):
+            return "it trains, but no training time was recorded"
+        if hours is not None and hours / 3600 > constraints.max_train_hours:
+            return f"trains for {hours / 3600:.3g} h, over the {constraints.max_train_hours:g} h budget"
+    if constraints.max_latency_ms is not None:
+        latency = _value(row, LATENCY)
+        if latency is None:
+            return "no QA latency was measured"
+        if latency > constraints.max_latency_ms:
+            return f"answers in {latency:.4g} ms per question, over the {constraints.max_latency_ms:g} ms budget"
+    return None
+
+
+def recommend(
+    df: pd.DataFrame,
+    constraints: Constraints,
+    metric: str,
+    mode: str | None = None,
+    *,
+    rule: str = "paired",
+    paired: pd.DataFrame | None = None,
+    cost_metric: str | None = None,
+) -> Recommendation:
+    """The best architecture by the measured numbers among those the constraints allow.
+
+    Architectures the constraints exclude are named with the reason; among the others the
+    champion rule decides (`decide_champion`: with `paired`, a lead counts only when its paired
+    interval excludes 0, else the cheaper of the tied architectures), and its reason is the
+    recommendation's."""
+    mode = mode or ("max" if higher_is_better(metric) else "min")
+    rows = df.to_dict(orient="records")
+    excluded = {str(r["architecture"]): why for r in rows if (why := exclusion(r, constraints))}
+    allowed = df[~df["architecture"].isin(list(excluded))] if len(df) else df
+    candidates = [str(n) for n in allowed["architecture"]] if len(allowed) else []
+    if metric not in df.columns:
+        return Recommendation(None, metric, f"no architecture reported {metric}", constraints, excluded, candidates)
+    if allowed.empty or allowed[metric].isna().all():
+        reason = "no architecture meets the constraints" if excluded else f"no architecture reported {metric}"
+        return Recommendation(None, metric, reason, constraints, excluded, candidates)
+    decision = decide_champion(allowed, metric, mode, rule=rule, paired=paired, cost_metric=cost_metric)
+    reason = decision.reason
+    if excluded:
+        reason += "; excluded by your constraints: " + "; ".join(f"{name} ({why})" for name, why in excluded.items())
+    return Recommendation(decision.architecture, metric, reason, constraints, excluded, candidates, decision)

@@ -24,16 +24,20 @@ from typing import Any
 import pandas as pd
 
 from ragops.compare.analysis import (
+    Constraints,
     comparison_table,
     cost_metric_for,
     decide_champion,
     format_table,
+    higher_is_better,
     mission_group,
     paired_lookup,
     pareto_front,
     quality_metrics,
+    recommend,
 )
 from ragops.compare.inputs import ComparisonInputs, load_inputs
+from ragops.errors import ConfigError
 from ragops.evaluation.paired import paired_table
 from ragops.io import write_json
 
@@ -53,8 +57,17 @@ def comparison_pairs(names: list[str]) -> list[tuple[str, str]]:
     return list(itertools.combinations(names, 2))
 
 
-def analyse(inputs: ComparisonInputs, config) -> dict[str, Any]:
-    """Everything the comparison says, as plain data (no files written)."""
+def constraints_from(config, **overrides: Any) -> Constraints:
+    """The recommendation's constraints: params.yaml's `report:` section, overridden by the
+    options given (None = not given)."""
+    values = {k: getattr(config.report, k) for k in ("black_box_only", "max_train_hours", "max_latency_ms")}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Constraints(**values)
+
+
+def analyse(inputs: ComparisonInputs, config, constraints: Constraints | None = None, target_metric: str | None = None) -> dict[str, Any]:
+    """Everything the comparison says, as plain data (no files written). The recommendation
+    optimises `target_metric` (default: `report.metric`, else `champion.metric`)."""
     df = inputs.table.copy()
     df["group"] = [mission_group(f, t) for f, t in zip(df["family"], df["finetune"], strict=True)]
     quality = config.champion.metric
@@ -107,13 +120,21 @@ def analyse(inputs: ComparisonInputs, config) -> dict[str, Any]:
         cost_metric = None if config.champion.cost_metric == "auto" else config.champion.cost_metric
         decision = decide_champion(df, quality, config.champion.mode, rule=config.champion.rule, paired=paired, cost_metric=cost_metric)
         summary["champion"] = decision.as_dict() if decision else None
-    return {"table": comparison_table(df), "paired": paired, "summary": summary, "frame": df}
+    target = target_metric or config.report.metric or quality
+    mode = config.champion.mode if target == quality else ("max" if higher_is_better(target) else "min")
+    cost_metric = None if config.champion.cost_metric == "auto" else config.champion.cost_metric
+    recommendation = recommend(df, constraints or constraints_from(config), target, mode, rule=config.champion.rule, paired=paired,
+                               cost_metric=cost_metric)
+    summary["recommendation"] = recommendation.as_dict()
+    return {"table": comparison_table(df), "paired": paired, "summary": summary, "frame": df, "recommendation": recommendation}
 
 
 def build_comparison(ws, config, out_dir: Path) -> dict[str, Any]:
     """Read the enabled architectures' results and write the comparison into `out_dir` (which must
-    exist and be empty or be a temporary folder). Returns the summary (with display rows)."""
+    exist and be empty or be a temporary folder), the report for params.yaml's `report:`
+    constraints included. Returns the summary (with display rows)."""
     from ragops.compare.plots import plot_pareto
+    from ragops.compare.report import write_report
 
     names = config.enabled_architectures()
     result = analyse(load_inputs(ws, names), config)
@@ -123,5 +144,28 @@ def build_comparison(ws, config, out_dir: Path) -> dict[str, Any]:
     paired.to_csv(out_dir / "paired.csv", index=False)
     for phase, spec in summary["pareto"].items():
         plot_pareto(df, summary["quality_metric"], spec["cost_metric"], out_dir / f"pareto-{phase}.png", out_dir / f"pareto-{phase}.html")
+    write_report(out_dir, df, summary, result["recommendation"])
     write_json(out_dir / "summary.json", summary)
     return {**summary, "table": _records(table), "display": format_table(table)}
+
+
+def build_report(ws, config, out_dir: Path, constraints: Constraints, metric: str | None = None) -> dict[str, Any]:
+    """The report alone, for other constraints or another metric than params.yaml's: report.md,
+    report.html and the Pareto PNGs it links to, written into `out_dir` (replaced whole)."""
+    from ragops.compare.plots import plot_pareto
+    from ragops.compare.report import write_report
+    from ragops.io import atomic_dir
+
+    result = analyse(load_inputs(ws, config.enabled_architectures()), config, constraints, metric)
+    summary, df = result["summary"], result["frame"]
+    target = result["recommendation"].metric
+    if target not in df.columns:
+        raise ConfigError(f"report metric '{target}': not reported by any architecture (reported: {', '.join(quality_metrics(df)) or 'none'})")
+    with atomic_dir(out_dir) as tmp:
+        if target in df.columns:
+            for phase, cost in (("inference", cost_metric_for(target, df.columns)), ("train", TRAIN_COST)):
+                if cost in df.columns:
+                    summary["pareto"][phase] = {"cost_metric": cost, "front": list(pareto_front(df, target, cost)["architecture"])}
+                    plot_pareto(df, target, cost, tmp / f"pareto-{phase}.png", tmp / f"pareto-{phase}.html")
+        paths = write_report(tmp, df, summary, result["recommendation"])
+    return {**summary, "files": sorted(str(out_dir / p.name) for p in paths.values())}

@@ -90,7 +90,7 @@ def plot_pareto(df: pd.DataFrame, quality_metric: str, cost_metric: str, png: st
         ax.set_xscale("log")
     elif scale == "symlog":
         ax.set_xscale("symlog", linthresh=linthresh)
-    ax.margins(x=0.15, y=0.1)  # room for the labels
+    ax.margins(x=0.22, y=0.1)  # room for the labels
     ax.set_xlabel(f"{cost_metric} (lower is better)")
     ax.set_ylabel(f"{quality_metric} ({direction})")
     ax.set_title(title, fontsize=10)

@@ -509,7 +509,8 @@ def publish_artifacts(record: RunRecord) -> dict[str, str]:
     """Prefect artifacts of this run (keys lowercase letters, digits, dashes):
     `ragops-<flow>-summary` (markdown), `ragops-corpus-stats`, `ragops-index-stats` and
     `ragops-comparison` (tables, when the run produced them), `ragops-<flow>-mlflow-run` (a link,
-    when an MLflow UI is known). Returns {key: kind}."""
+    when an MLflow UI is known) and `ragops-report` (the compare stage's decision report,
+    markdown). Returns {key: kind}."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
     made = {}
@@ -534,7 +535,23 @@ def publish_artifacts(record: RunRecord) -> dict[str, str]:
     if rows:
         create_table_artifact(rows, key="ragops-comparison", description="architectures: quality (95% CI) and cost")
         made["ragops-comparison"] = "table"
+    report = report_markdown(record)
+    if report:
+        create_markdown_artifact(report, key="ragops-report", description="which architecture to ship: families, cost, paired comparisons, recommendation")
+        made["ragops-report"] = "markdown"
     return made
+
+
+def report_markdown(record: RunRecord) -> str | None:
+    """The compare stage's decision report (report.md), when this run compared architectures."""
+    outcome = record.by_stage("compare")
+    files = ((outcome or {}).get("summary") or {}).get("files") or []
+    path = next((Path(f) for f in files if Path(f).name == "report.md"), None)
+    if path is None or not path.exists():
+        return None
+    # The plots are files beside report.md: a Prefect artifact cannot show them, it names them.
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return "\n".join(f"(plot: {path.parent / line.split('(', 1)[1].rstrip(')')})" if line.startswith("![") else line for line in lines) + "\n"
 
 
 def run_recorded(record: RunRecord, label: str, function, *args: Any, **kwargs: Any) -> dict[str, Any]:
