@@ -126,3 +126,22 @@ def test_report_from_evaluation_outputs(tmp_path, mlflow_store):
     # another metric and constraint: perplexity, black-box only (closed book is not white-box: allowed)
     ppl = stages.report(ws, config, metric="lm/token_ppl", black_box_only=True).summary["recommendation"]
     assert ppl["architecture"] == "incontext_ralm" and ppl["metric"] == "lm/token_ppl" and ppl["excluded"] == {}
+
+
+def test_eight_architectures_render_in_their_families_without_code_changes(tmp_path):
+    from ragops.compare.report import render_markdown, report_sections
+
+    df = EIGHT.assign(group=[mission_group(f, t) for f, t in zip(EIGHT["family"], EIGHT["finetune"], strict=True)])
+    rec = recommend(df, Constraints(black_box_only=True), "describe/f1", paired=SEPARATED)
+    sections = report_sections(df, {"pareto": {}, "paired_vs_baseline": []}, rec)
+    rows = [(r["family"], r["architecture"]) for r in sections["families"]]
+    assert rows == [
+        ("closed book", "closed_book"), ("black-box, no fine-tuning", "incontext_ralm"), ("black-box, no fine-tuning", "replug"),
+        ("black-box, retriever fine-tuned", "replug_lsr"), ("black-box, retriever fine-tuned", "aar"),
+        ("white-box, LM fine-tuned", "retro"), ("white-box, LM fine-tuned", "self_rag"), ("white-box, co-trained", "atlas"),
+    ]
+    atlas = sections["families"][-1]
+    assert atlas["training (wall)"] == "4 h" and atlas["latency (ms / question)"] == "520"
+    assert sections["families"][0]["training (wall)"] == "0 (trains nothing)"
+    markdown = render_markdown(sections)
+    assert "**replug_lsr**" in markdown and "- atlas: white-box: it trains the LM together with the retriever" in markdown
