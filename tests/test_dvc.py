@@ -59,6 +59,14 @@ def test_repro_from_ingested_corpus_then_noop_then_experiment(dvc_repo, monkeypa
     assert 0 <= metrics["test/bm25/recall_at_10"] <= 1
     summary = json.loads((repo / "artifacts" / "compare" / "summary.json").read_text())
     assert summary["architectures"] == ["closed_book", "incontext_ralm"] and summary["champion"]["architecture"]
+    # what changes the numbers is recorded with each architecture run; nothing trained costs exactly 0
+    runs = {run.info.run_name: run.data for run in _mlflow_runs(repo)}
+    closed, ralm = runs["closed_book"], runs["incontext_ralm"]
+    assert closed.params["lm.document_start"] == "<|endoftext|>" and closed.params["lm.start_token"] == "separator"
+    assert closed.params["prompt.format"] == "raw" and "{passage}" not in closed.params["prompt.template"]
+    assert "{passage}" in ralm.params["prompt.template"] and closed.params["lm.quantisation"] == "none"
+    assert closed.metrics["train/wall_s"] == 0.0 and closed.metrics["train/cost_usd"] == 0.0
+    assert closed.metrics["inference/qa/questions"] == 6 and closed.metrics["inference/lm/tokens"] > 0
 
     # Nothing changed: nothing runs (compare included), and DVC agrees everything is up to date.
     second = sh(repo, "dvc", "repro")
@@ -92,11 +100,15 @@ def shown_ref(repo: Path) -> str:
     raise AssertionError("no experiment in dvc exp show")
 
 
-def _mlflow_run_names(repo: Path) -> list[str]:
+def _mlflow_runs(repo: Path) -> list:
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
-    return [run.info.run_name for experiment in client.search_experiments() for run in client.search_runs([experiment.experiment_id])]
+    return [run for experiment in client.search_experiments() for run in client.search_runs([experiment.experiment_id])]
+
+
+def _mlflow_run_names(repo: Path) -> list[str]:
+    return [run.info.run_name for run in _mlflow_runs(repo)]
 
 
 def test_outputs_of_ragops_stages_are_recorded_so_dvc_repro_has_nothing_to_do(dvc_repo):
