@@ -135,10 +135,6 @@ def heldout_docs(ws, titles):
     return frame[frame["title"].isin(titles)].reset_index(drop=True)
 
 
-def results_train_zero(results) -> bool:
-    return all(train.wall_s == 0.0 and train.cpu_s == 0.0 and train.metrics()["train/cost_usd"] == 0.0 for _, train, _ in results.values())
-
-
 def test_both_architectures_report_every_metric_key(ws, tiny_lm, bm25, tmp_path, tiny_lm_dir):
     config = make_config()
     results = {}
@@ -171,8 +167,6 @@ def test_both_architectures_report_every_metric_key(ws, tiny_lm, bm25, tmp_path,
         assert metrics["inference/qa/wall_s_per_1k_questions"] == pytest.approx(infer.parts["qa"].wall_s / 6 * 1000)
         assert infer.parts["qa"].wall_s + infer.parts["lm"].wall_s <= infer.wall_s
         assert metrics["inference/qa/flops"] + metrics["inference/lm/flops"] == pytest.approx(metrics["inference/flops"])
-        # nothing trains: the training meter was never started and reports exactly 0
-        assert results_train_zero(results)
     assert set(results["closed_book"][2].metrics()) == set(results["incontext_ralm"][2].metrics())  # the same cost keys
     assert "{passage}" not in closed.info["prompt"] and "{passage}" in ralm_result.info["prompt"]
     assert closed.info["conventions"]["prompt.format"] == "raw"  # the tiny LM has no chat template

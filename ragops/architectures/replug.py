@@ -139,15 +139,21 @@ class REPLUG(InContextRALM):
         hits = self._retrieve_spans(doc_id, ids, spans, retriever, cache, meter)
         contexts, targets, owners = [], [], []
         n_passage_tokens = n_prefix_tokens = 0
+        # The start-token convention of every architecture (lm.start_token): each window begins
+        # with it; without one, the document's first token is context only.
+        first = 0 if lm.document_start else 1
         for i, ((begin, end), passages) in enumerate(zip(spans, hits, strict=True)):
+            scored_from = max(begin, first)
+            if scored_from >= end:
+                continue
             for d, passage in enumerate(passages or [None]):
                 passage_ids = self._ids_of(passage.chunk_id, passage.text) if passage else []
-                start = max(0, end - (lm.max_length - len(passage_ids)))
-                contexts.append(passage_ids + ids[start:begin])
-                targets.append(ids[begin:end])
+                start = max(0, end - (lm.max_length - len(passage_ids) - len(lm.document_start)))
+                contexts.append(lm.document_start + passage_ids + ids[start:scored_from])
+                targets.append(ids[scored_from:end])
                 owners.append(i)
                 n_passage_tokens += len(passage_ids)
-                n_prefix_tokens += max(begin - start, 0 if passage_ids else 1)  # the start token when nothing precedes
+                n_prefix_tokens += len(lm.document_start) + scored_from - start
         with lm.charged_to(meter):
             scored = lm.score_ids(contexts, targets)
         span_totals: dict[int, list[float]] = {}
@@ -156,25 +162,28 @@ class REPLUG(InContextRALM):
         nll = 0.0
         used: list[list[Passage]] = []
         for i, (begin, _) in enumerate(spans):
+            if i not in span_totals:  # nothing scored in this span
+                continue
             passages = hits[i] or []
             mixed = (self.log_weights(passages) if passages else np.zeros(1)) + np.array(span_totals[i])
             top = float(np.max(mixed))
             nll -= top + math.log(float(np.exp(mixed - top).sum()))  # −log Σ_d λ_d P(span | d ∘ prefix)
             if begin > 0:
                 used.append(passages)
+        n_scored = sum(end - max(begin, first) for begin, end in spans if end > max(begin, first))
         meter.add(tokens_retrieved=n_passage_tokens, tokens_prompt=n_prefix_tokens, examples=1)
         stats["windows"] += len(contexts)
         stats["spans"] += len(spans)
         return {
             "doc_id": doc_id,
             "nll_sum": nll,
-            "n_tokens": len(ids),
+            "n_tokens": n_scored,
             "n_words": n_words,
             "retrieved_doc_ids": [ps[0].doc_id if ps else "" for ps in used],  # the top document per span, as In-Context RALM
             "retrieved_scores": [ps[0].score if ps else float("nan") for ps in used],
             "tokens_prompt": n_prefix_tokens,
             "tokens_retrieved": n_passage_tokens,
-            "tokens_scored": len(ids),
+            "tokens_scored": n_scored,
             "retrieval_calls": len(used),
             "lm_windows": len(contexts),
         }

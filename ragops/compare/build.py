@@ -137,7 +137,7 @@ def build_comparison(ws, config, out_dir: Path) -> dict[str, Any]:
     from ragops.compare.report import write_report
 
     names = config.enabled_architectures()
-    result = analyse(load_inputs(ws, names), config)
+    result = analyse(load_inputs(ws, names, config.architectures), config)
     table, paired, summary, df = result["table"], result["paired"], result["summary"], result["frame"]
     table.to_csv(out_dir / "comparison.csv", index=False)
     write_json(out_dir / "comparison.json", _records(table))
@@ -156,7 +156,7 @@ def build_report(ws, config, out_dir: Path, constraints: Constraints, metric: st
     from ragops.compare.report import write_report
     from ragops.io import atomic_dir
 
-    result = analyse(load_inputs(ws, config.enabled_architectures()), config, constraints, metric)
+    result = analyse(load_inputs(ws, config.enabled_architectures(), config.architectures), config, constraints, metric)
     summary, df = result["summary"], result["frame"]
     target = result["recommendation"].metric
     if target not in df.columns:

@@ -38,7 +38,7 @@ def input_files(ws: Workspace, names: list[str]) -> dict[str, Path]:
     return files
 
 
-def _tags(ws: Workspace, name: str) -> dict[str, str]:
+def _tags(ws: Workspace, name: str, options=None) -> dict[str, str]:
     info_file = ws.eval_dir(name) / INFO
     info = read_json(info_file) if info_file.exists() else {}
     if info.get("family") and info.get("finetune"):
@@ -46,13 +46,13 @@ def _tags(ws: Workspace, name: str) -> dict[str, str]:
     from ragops.architectures import registry
 
     try:
-        cls = registry.get(name)
+        cls = registry.resolve(name, options)  # a variant (`base:`) is its base's class under its own name
     except KeyError:
         return {"family": "unknown", "finetune": "unknown"}
     return {"family": cls.family, "finetune": cls.finetune}
 
 
-def load_inputs(ws: Workspace, names: list[str]) -> ComparisonInputs:
+def load_inputs(ws: Workspace, names: list[str], options: dict | None = None) -> ComparisonInputs:
     """Metrics, tags and predictions of `names`, in that order. A missing metrics file is an error
     naming it; missing predictions only leave that architecture out of paired comparisons."""
     rows, predictions, missing = [], {}, []
@@ -61,7 +61,7 @@ def load_inputs(ws: Workspace, names: list[str]) -> ComparisonInputs:
         if not metrics_file.exists():
             raise DataError(f"{metrics_file}: no results for architecture '{name}' (run: ragops evaluate {name})")
         metrics = read_json(metrics_file)
-        rows.append({"architecture": name, **_tags(ws, name), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+        rows.append({"architecture": name, **_tags(ws, name, (options or {}).get(name)), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
         predictions_file = ws.eval_dir(name) / PREDICTIONS
         if predictions_file.exists():
             predictions[name] = pd.read_parquet(predictions_file)
