@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -32,8 +33,7 @@ def dvc_repo(tmp_path, smoke_workspace, tiny_lm_dir, monkeypatch) -> Path:
     shutil.copytree(PROJECT_ROOT / "ragops", repo / "ragops", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PROJECT_ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copy(PROJECT_ROOT / ".gitignore", repo / ".gitignore")
-    params = write_params(repo, retrieval_eval={"max_questions": 10}, lm={"model": str(tiny_lm_dir)},
-                          eval={"max_questions": 3, "max_lm_docs": 2, "max_new_tokens": 4, "bootstrap_samples": 50})
+    params = write_params(repo, retrieval_eval={"max_questions": 10}, lm={"model": str(tiny_lm_dir)})
     # The two architectures that train nothing: the pipeline's shape without minutes of training.
     values = yaml.safe_load(params.read_text())
     values["architectures"] = {name: values["architectures"][name] for name in ("closed_book", "incontext_ralm")}
@@ -74,7 +74,10 @@ def test_repro_from_ingested_corpus_then_noop_then_experiment(dvc_repo, monkeypa
     assert closed.params["prompt.format"] == "raw" and "{passage}" not in closed.params["prompt.template"]
     assert "{passage}" in ralm.params["prompt.template"] and closed.params["lm.quantisation"] == "none"
     assert closed.metrics["train/wall_s"] == 0.0 and closed.metrics["train/cost_usd"] == 0.0
-    assert closed.metrics["inference/qa/questions"] == 6 and closed.metrics["inference/lm/tokens"] > 0
+    smoke = yaml.safe_load((repo / "params.yaml").read_text())["profiles"]["smoke"]["eval"]
+    assert closed.metrics["inference/qa/questions"] == 2 * smoke["max_questions"]  # describe + identify
+    assert closed.metrics["inference/lm/tokens"] == sum(
+        pd.read_parquet(repo / "artifacts" / "eval" / "closed_book" / "predictions.parquet").query("task == 'lm'")["n_tokens"])
 
     # Nothing changed: nothing runs (compare included), and DVC agrees everything is up to date.
     second = sh(repo, "dvc", "repro")

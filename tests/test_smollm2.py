@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from ragops.cost import CostMeter
@@ -108,7 +109,7 @@ def test_incontext_ralm_beats_closed_book_end_to_end(smollm2, tmp_path):
     assert smollm2.document_start == [0] and smollm2.document_start_text == "<|endoftext|>"
     assert smollm2.tokenizer.bos_token == "<|im_start|>"
     doc = results["closed_book"].predictions.query("task == 'lm'").iloc[0]
-    heldout = __import__("pandas").read_parquet(ws.heldout).set_index("doc_id").loc[doc["doc_id"]]
+    heldout = pd.read_parquet(ws.heldout).set_index("doc_id").loc[doc["doc_id"]]
     ids = smollm2.tokenizer(document_text(heldout["title"], heldout["text"]), add_special_tokens=False)["input_ids"]
     assert len(ids) < 1023
     with torch.no_grad():
