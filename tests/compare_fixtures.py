@@ -66,9 +66,9 @@ def two_architectures(ws: Workspace, *, gain: float = 0.25) -> dict[str, pd.Data
 
 
 def write_fake_architecture(ws: Workspace, name: str) -> dict[str, Any]:
-    """`ragops.ops.testing.FAKE_ARCHITECTURES[name]` as evaluation outputs: its metrics (as logged),
+    """`tests.server_fixtures.FAKE_ARCHITECTURES[name]` as evaluation outputs: its metrics (as logged),
     and per-item predictions whose means match its describe F1 (0.20 closed book, 0.45 RALM)."""
-    from ragops.ops.testing import FAKE_ARCHITECTURES
+    from tests.server_fixtures import FAKE_ARCHITECTURES
 
     spec = FAKE_ARCHITECTURES[name]
     rng = np.random.default_rng(3)

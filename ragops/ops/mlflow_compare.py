@@ -12,11 +12,7 @@ never redirects anyone else's logging.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -147,15 +143,13 @@ def register_champion(
     tracking_uri: str | None = None,
     tags: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Register `card` as a new version of `registered_model` (its artifacts logged under `run_id`)
-    and point `alias` at it.
+    """Register `card` as a new version of `registered_model` (an artifact-only card model linked
+    to the run `run_id`, see `ragops.ops.champion.register_card`) and point `alias` at it.
 
     Idempotent by content: when the alias already points at a version made from an identical card,
     that version is kept. Returns {registered_model, alias, architecture, version, new_version, uri}.
     """
-    import mlflow.pyfunc
-
-    from ragops.ops.champion import ArchitectureCard
+    from ragops.ops.champion import register_card
 
     client = client_for(tracking_uri)
     card_hash = _card_hash(card)
@@ -167,36 +161,8 @@ def register_champion(
         current = None
     if current is not None and current.tags.get(CARD_HASH_TAG) == card_hash:
         return {**result, "version": str(current.version), "new_version": False}
-
-    # Quiet: the card is pickled on purpose (a class of this package) and has no signature on
-    # purpose (it takes any input).
-    quiet = [logging.getLogger(n) for n in ("mlflow.pyfunc", "mlflow.models.model", "mlflow.models.signature")]
-    levels = [logger.level for logger in quiet]
-    for logger in quiet:
-        logger.setLevel(logging.ERROR)
-    try:
-        with tempfile.TemporaryDirectory(prefix="ragops-card-") as tmp:
-            card_file = Path(tmp) / "card.json"
-            card_file.write_text(json.dumps(card, indent=2, sort_keys=True, default=str), encoding="utf-8")
-            model_dir = Path(tmp) / "champion"
-            mlflow.pyfunc.save_model(
-                path=str(model_dir),
-                python_model=ArchitectureCard(),  # carries card.json; see ragops.ops.champion
-                artifacts={"card": str(card_file)},
-                pip_requirements=[f"mlflow=={mlflow.__version__}", "pandas"],
-            )
-            client.log_artifacts(run_id, str(model_dir), "champion")
-    finally:
-        for logger, level in zip(quiet, levels, strict=True):
-            logger.setLevel(level)
-    try:
-        client.get_registered_model(registered_model)
-    except Exception:  # noqa: BLE001 - not registered yet
-        client.create_registered_model(registered_model)
     version_tags = {"architecture": card["architecture"], "family": card.get("family"), CARD_HASH_TAG: card_hash, **(tags or {})}
-    version = client.create_model_version(
-        registered_model, source=f"runs:/{run_id}/champion", run_id=run_id,
-        tags={k: str(v) for k, v in version_tags.items() if v is not None},
-    )
-    client.set_registered_model_alias(registered_model, alias, version.version)
-    return {**result, "version": str(version.version), "new_version": True}
+    version = register_card(card, registered_model=registered_model, source_run_id=run_id,
+                            tags={k: v for k, v in version_tags.items() if v is not None}, tracking_uri=client.tracking_uri)
+    client.set_registered_model_alias(registered_model, alias, version)
+    return {**result, "version": str(version), "new_version": True}
