@@ -28,7 +28,7 @@ def test_card_round_trips_through_the_registry_without_code(tmp_path, mlflow_sto
     assert load_card("models:/ragops-rag/2")["options"] == {"k": 4}
     version = client.get_model_version("ragops-rag", first)
     assert version.run_id == run.run_id and version.tags["architecture"] == "incontext_ralm"
-    files = {a.path for a in mlflow.artifacts.list_artifacts(artifact_uri=version.source)}
+    files = {a.path.rsplit("/", 1)[-1] for a in mlflow.artifacts.list_artifacts(artifact_uri=version.source)}
     assert {"card.json", "MLmodel"} <= files and not [f for f in files if f.endswith((".pkl", ".py", ".cloudpickle"))]
     with pytest.raises(mlflow.exceptions.MlflowException, match="python_function"):
         mlflow.pyfunc.load_model("models:/ragops-rag@champion")

@@ -61,8 +61,12 @@ def register_card(
     client.finalize_logged_model(model.model_id, "READY")
     if not _has_registered_model(client, registered_model):
         client.create_registered_model(registered_model)
+    # The source is the logged model's artifact location, not `models:/<model_id>`: MLflow 3.17's
+    # SQL registry resolves a models:/ source (and a model_id without a run id) through the
+    # process-global tracking URI, so registering into any other store than the global one failed.
     version = client.create_model_version(
-        registered_model, source=f"models:/{model.model_id}", run_id=source_run_id, tags=string_tags, model_id=model.model_id,
+        registered_model, source=model.artifact_location, run_id=source_run_id, tags=string_tags,
+        model_id=model.model_id if source_run_id else None,
     )
     return str(version.version)
 
