@@ -720,14 +720,16 @@ def sweep(ws: Workspace, config: Config, *, parent_run_id: str | None = None, fo
 
 
 def _compare_spec(ws: Workspace, config: Config) -> dict[str, Any]:
-    from ragops.compare.inputs import input_files
+    from ragops.compare.inputs import input_files, with_results
 
-    names = config.enabled_architectures()
+    names, missing = with_results(ws, config.enabled_architectures())
     return {
         "out_dir": ws.compare_dir,
-        "inputs": input_files(ws, names),
+        # With no results at all, the missing files are the inputs (the stage names the first one).
+        "inputs": input_files(ws, names or missing),
         "params": {
-            "architectures": names, "champion": config.section("champion"), "report": config.section("report"), "seed": config.seed,
+            "architectures": names, "not_evaluated": missing, "champion": config.section("champion"),
+            "report": config.section("report"), "seed": config.seed,
             "eval": {k: config.eval.model_dump()[k] for k in ("bootstrap_samples", "confidence")},
         },
     }

@@ -280,3 +280,17 @@ def test_training_cost_axis_keeps_methods_that_train_nothing(tmp_path):
     assert '"type": "symlog"' in html and "closed_book" in html
     for group in ("closed book", "black-box, no fine-tuning", "black-box, retriever fine-tuned", "white-box, co-trained"):
         assert group in html
+
+
+def test_architectures_without_results_are_named_not_compared(tmp_path, mlflow_store):
+    """Only closed_book and incontext_ralm were evaluated (e.g. a flow run on those two): the others
+    enabled in params.yaml are named in the comparison's messages, and the two are compared."""
+    from ragops import stages
+    from tests.compare_fixtures import two_architectures
+
+    ws = Workspace(tmp_path)
+    two_architectures(ws)
+    config = _config(architectures={"closed_book": {}, "incontext_ralm": {}, "replug": {}})
+    summary = stages.compare(ws, config).summary
+    assert summary["architectures"] == ["closed_book", "incontext_ralm"] and summary["not_evaluated"] == ["replug"]
+    assert summary["messages"][0] == "no evaluation results for replug: not compared (run: ragops evaluate replug)"

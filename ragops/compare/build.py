@@ -36,7 +36,7 @@ from ragops.compare.analysis import (
     quality_metrics,
     recommend,
 )
-from ragops.compare.inputs import ComparisonInputs, load_inputs
+from ragops.compare.inputs import ComparisonInputs, load_inputs, with_results
 from ragops.errors import ConfigError
 from ragops.evaluation.paired import paired_table
 from ragops.io import write_json
@@ -136,8 +136,11 @@ def build_comparison(ws, config, out_dir: Path) -> dict[str, Any]:
     from ragops.compare.plots import plot_pareto
     from ragops.compare.report import write_report
 
-    names = config.enabled_architectures()
+    names, missing = with_results(ws, config.enabled_architectures())
     result = analyse(load_inputs(ws, names, config.architectures), config)
+    if missing:
+        result["summary"]["messages"].insert(0, f"no evaluation results for {', '.join(missing)}: not compared (run: ragops evaluate {' '.join(missing)})")
+        result["summary"]["not_evaluated"] = missing
     table, paired, summary, df = result["table"], result["paired"], result["summary"], result["frame"]
     table.to_csv(out_dir / "comparison.csv", index=False)
     write_json(out_dir / "comparison.json", _records(table))
@@ -156,7 +159,10 @@ def build_report(ws, config, out_dir: Path, constraints: Constraints, metric: st
     from ragops.compare.report import write_report
     from ragops.io import atomic_dir
 
-    result = analyse(load_inputs(ws, config.enabled_architectures(), config.architectures), config, constraints, metric)
+    names, missing = with_results(ws, config.enabled_architectures())
+    result = analyse(load_inputs(ws, names or missing, config.architectures), config, constraints, metric)
+    if missing:
+        result["summary"]["messages"].insert(0, f"no evaluation results for {', '.join(missing)}: not compared (run: ragops evaluate {' '.join(missing)})")
     summary, df = result["summary"], result["frame"]
     target = result["recommendation"].metric
     if target not in df.columns:

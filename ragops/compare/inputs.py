@@ -29,6 +29,14 @@ class ComparisonInputs:
     missing_predictions: list[str] = field(default_factory=list)
 
 
+def with_results(ws: Workspace, names: list[str]) -> tuple[list[str], list[str]]:
+    """(names that have evaluation results, names that have none yet), in the order given. The
+    comparison covers the first; the second are named in its messages, never silently dropped.
+    With no results at all, the first is empty (the compare stage then names the missing file)."""
+    present = [n for n in names if ws.metrics_file(n).exists()]
+    return present, [n for n in names if n not in present]
+
+
 def input_files(ws: Workspace, names: list[str]) -> dict[str, Path]:
     """The files the comparison reads (the stage's fingerprint inputs)."""
     files: dict[str, Path] = {}
