@@ -138,6 +138,9 @@ class InContextRALM(Architecture):
         opt = self.options
         candidates = self._n_candidates()
         index_meta = self.ctx.ws.index_dir / "meta.json"
+        trained = self.trained_retriever_dir()
+        if trained is not None and opt.retriever != "bm25":
+            index_meta = trained / "index" / "meta.json"  # a tuned retriever: its own results, never the untuned ones
         fingerprint = json_hash(
             {
                 "index": text_hash(index_meta.read_text()) if index_meta.exists() else getattr(retriever, "name", opt.retriever),

@@ -20,6 +20,7 @@ ARCHITECTURES: dict[str, str] = {
     "replug": "ragops.architectures.replug:REPLUG",
     "replug_lsr": "ragops.architectures.replug_lsr:REPLUGLSR",
     "aar": "ragops.architectures.aar:AAR",
+    "atlas": "ragops.architectures.atlas:Atlas",
 }
 
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,14 +151,17 @@ class RetrieverSetup:
         if self.refresher is not None and state.get("refresher") is not None:
             self.refresher.load_state_dict(state["refresher"])
 
-    def maybe_refresh(self, step: int, total_steps: int, every: int) -> dict[str, float]:
-        """Swap a finished background refresh in when due; start one every `every` steps."""
+    def maybe_refresh(self, step: int, total_steps: int, every: int = 0, *, due: Callable[[int], bool] | None = None) -> dict[str, float]:
+        """After optimizer step `step`: swap a finished background refresh in when due; start one every
+        `every` steps, or at the steps where `due(step)` is true (a schedule, e.g. Atlas's
+        `RefreshSchedule.due`). None after the last step: the final index is re-embedded anyway."""
         if self.refresher is None:
             return {}
         swapped = self.refresher.poll(step)
-        if every and step % every == 0 and step < total_steps:
+        start = due(step) if due is not None else bool(every) and step % every == 0
+        if start and step < total_steps:
             self.refresher.start(step, self.retriever.passage_state())
-        return {"train/index_version": float(self.refresher.version)} if swapped or (every and step % every == 0) else {}
+        return {"train/index_version": float(self.refresher.version)} if swapped or start else {}
 
 
 def write_trained_retriever(directory: Path, setup: RetrieverSetup, *, meter: CostMeter | None, progress: bool) -> dict[str, Any]:
