@@ -132,13 +132,26 @@ def test_options_refuse_a_refresh_schedule_without_shared_towers():
 # --- the joint task on the smoke workspace (tiny LM, MiniLM) ----------------------------------------
 
 
-def _atlas(root, **overrides):
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    """A 2-layer, 32-dim sentence encoder: the dual encoder of the tests that train and re-embed
+    the whole chunk table several times (MiniLM would take minutes on a loaded 2-core machine)."""
+    from tests.builders import build_tiny_encoder
+
+    return str(build_tiny_encoder(tmp_path_factory.mktemp("encoder") / "tiny-encoder"))
+
+
+def _atlas(root, encoder: str | None = None, **overrides):
+    """The smoke workspace's atlas with option overrides; `encoder`: another dual encoder to train
+    (the workspace vectors then do not match it and are recomputed with it first)."""
     from ragops.evaluation.runner import build_architecture
     from ragops.params import load_config
     from ragops.paths import Workspace
 
     ws = Workspace(root)
     config = load_config(ws.params)
+    if encoder is not None:
+        config = config.model_copy(update={"embed": config.embed.model_copy(update={"model": encoder})})
     options = AtlasOptions.model_validate({**config.architectures["atlas"].model_dump(), **overrides})
     return build_architecture("atlas", ws, config, progress=False, options=options)
 
@@ -153,7 +166,7 @@ def _weights(directory) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_every_loss_mode_trains_reader_and_retriever_in_one_step(smoke_workspace):
+def test_every_loss_mode_trains_reader_and_retriever_in_one_step(smoke_workspace, tiny_encoder):
     """One micro-batch per mode and alias: the reader reads the K passages concatenated in the shared
     prompt; the loss reaches the LoRA reader and the query tower; the gold signal has one value per passage."""
     from ragops.architectures.atlas import AtlasTask
@@ -163,7 +176,7 @@ def test_every_loss_mode_trains_reader_and_retriever_in_one_step(smoke_workspace
     from ragops.training.loop import TrainRun
     from ragops.training.retriever import RetrieverSetup, retrieval_examples
 
-    base = _atlas(smoke_workspace)
+    base = _atlas(smoke_workspace, tiny_encoder)
     ws, config, lm = base.ctx.ws, base.ctx.config, base.ctx.lm
     train, dev = retrieval_examples(ws, qa_per_task=4, lm_windows=0, encode=lm.encode, decode=lm.decode, prefix_tokens=1,
                                     target_tokens=1, seed=config.seed, dev_fraction=0.1)
@@ -201,3 +214,129 @@ def test_adist_spans_are_the_passages_in_the_reader_prompt(smoke_workspace):
     assert ids == lm.encode(qa_prompt("Which river?", texts, lm.chat_formatter))  # the ids the reader is trained on
     assert [lm.decode(ids[a:b]).strip() for a, b in spans] == texts  # in the given (best-first) order
     assert spans[0][0] > spans[1][0] > spans[2][0]  # laid out best last, nearest the question
+
+
+class _Killed(Exception):
+    """Stands for kill -9 between two optimizer steps: nothing after the last checkpoint survives."""
+
+
+def test_refresh_schedule_and_resume_equal_an_uninterrupted_run(copy_workspace, tiny_encoder, monkeypatch, tmp_path):
+    """Shared towers with Atlas's schedule "1-2:1,3-10:2" over 4 steps: the index is re-embedded
+    after steps 1 and 3 exactly. A run killed after its step-2 checkpoint and re-run resumes (index
+    version 1 restored, the step-3 refresh redone) and ends with the same weights and index."""
+    from ragops.architectures.atlas import AtlasTask
+    from ragops.cost import CostMeter
+    from ragops.training.loop import TrainRun
+    from ragops.training.refresh import IndexRefresher
+
+    root = copy_workspace()
+    overrides = {"towers": "shared", "refresh_index": "1-2:1,3-10:2",
+                 "train": {"steps": 4, "batch_size": 2, "lr": 2e-4, "warmup": 0.1, "checkpoint_every": 1}}
+    started: list[int] = []
+    start = IndexRefresher.start
+
+    def recording_start(self, step, snapshot):
+        started.append(step)
+        return start(self, step, snapshot)
+
+    monkeypatch.setattr(IndexRefresher, "start", recording_start)
+    arch = _atlas(root, tiny_encoder, **overrides)
+    with CostMeter("train") as meter:
+        info = arch.train(TrainRun(meter=meter, progress=False))
+    assert started == [1, 3]
+    assert info["refresh"]["index_refreshes"] == 2 and info["refresh"]["index_version"] == 2
+    assert meter.counters["index_refreshes"] == 3  # two scheduled refreshes + the final index
+    assert meter.counters["optimizer_steps"] == 4
+    out = arch.artifact_dir
+    uninterrupted = {**_weights(out / "reader"), **_weights(out / "retriever")}
+    index_bytes = (out / "retriever" / "index" / "dense.faiss").read_bytes()
+
+    checkpoint = tmp_path / "atlas.ckpt"
+    settings = arch.training_settings()
+    micro_batch = AtlasTask.micro_batch
+
+    def killed_at_step_2(self, step, micro):
+        if step == 2:
+            raise _Killed
+        return micro_batch(self, step, micro)
+
+    started.clear()
+    monkeypatch.setattr(AtlasTask, "micro_batch", killed_at_step_2)
+    with pytest.raises(_Killed):
+        _atlas(root, tiny_encoder, **overrides).train(TrainRun(checkpoint=checkpoint, settings=settings, progress=False))
+    assert started == [1] and checkpoint.exists()
+    monkeypatch.setattr(AtlasTask, "micro_batch", micro_batch)
+    started.clear()
+    resumed = _atlas(root, tiny_encoder, **overrides).train(TrainRun(checkpoint=checkpoint, settings=settings, progress=False))
+    assert resumed["training"]["resumed_from"] == 2 and resumed["training"]["steps"] == 4
+    assert started == [3] and resumed["refresh"]["index_version"] == 2
+    again = {**_weights(out / "reader"), **_weights(out / "retriever")}
+    assert again.keys() == uninterrupted.keys()
+    assert all(torch.equal(again[k], uninterrupted[k]) for k in uninterrupted)
+    assert (out / "retriever" / "index" / "dense.faiss").read_bytes() == index_bytes
+
+
+def test_query_side_training_keeps_passage_tower_and_workspace_index(copy_workspace):
+    import faiss
+
+    from ragops.cost import CostMeter
+    from ragops.retrieval.retriever import load_encoder
+    from ragops.retrieval.trainable import load_trained_encoders
+    from ragops.training.loop import TrainRun
+
+    root = copy_workspace()
+    arch = _atlas(root)  # the smoke profile's atlas: query-side, 2 steps
+    ws = arch.ctx.ws
+    index_before = {p.relative_to(ws.index_dir): p.read_bytes() for p in ws.index_dir.rglob("*") if p.is_file()}
+    with CostMeter("train") as meter:
+        info = arch.train(TrainRun(meter=meter, progress=False))
+    assert {p.relative_to(ws.index_dir): p.read_bytes() for p in ws.index_dir.rglob("*") if p.is_file()} == index_before
+    assert meter.counters["index_refreshes"] == 0 and info["refresh"] == {}
+    base = load_encoder(arch.ctx.config.embed).model.state_dict()
+    trained = arch.artifact_dir / "retriever"
+    query, passage = load_trained_encoders(trained, device="cpu")
+    assert passage is not None and passage.model.state_dict().keys() == base.keys()
+    assert all(torch.equal(v, base[k]) for k, v in passage.model.state_dict().items())
+    assert any(not torch.equal(v, base[k]) for k, v in query.model.state_dict().items())
+    index = faiss.read_index(str(trained / "index" / "dense.faiss"))
+    np.testing.assert_array_equal(index.reconstruct_n(0, index.ntotal), np.load(ws.embeddings_dir / "vectors.npy"))
+    assert info["retriever_trainable_params"] == sum(v.numel() for v in query.model.parameters())
+
+
+def test_train_and_evaluate_smoke_with_the_reader_only_control(copy_workspace):
+    """`ragops train` + `ragops evaluate` for atlas and atlas_reader_only (2 steps each): both
+    evaluate with the merged reader; only atlas has a tuned retriever; training used train-split
+    questions only."""
+    from ragops import stages
+    from ragops.io import read_json
+    from ragops.params import load_config
+    from ragops.paths import Workspace
+
+    ws = Workspace(copy_workspace())
+    config = load_config(ws.params)
+    for name in ("atlas", "atlas_reader_only"):
+        stages.train_architecture(ws, config, name, progress=False)
+        stages.evaluate_architecture(ws, config, name, progress=False)
+    questions = pd.read_parquet(ws.questions)
+    split_of = dict(zip(questions["qid"], questions["split"], strict=True))
+    for name in ("atlas", "atlas_reader_only"):
+        out = ws.architecture_dir(name)
+        manifest = read_json(out / "manifest.json")["info"]
+        examples = read_json(out / "examples.json")
+        assert {split_of[q] for q in examples["train"] + examples["dev"]} == {"train"}
+        assert not set(examples["train"]) & set(examples["dev"]) and len(examples["train"]) == manifest["examples"]["train"]
+        assert manifest["training"]["steps"] == 2 and (out / "reader" / "finetune.json").exists()
+        metrics = read_json(ws.metrics_file(name))
+        assert {"describe/f1", "identify/f1", "lm/token_ppl", "train/optimizer_steps"} <= set(metrics)
+        info = read_json(ws.eval_dir(name) / "info.json")
+        assert info["lm"]["path"].endswith("+reader")  # the merged fine-tuned reader answered
+        predictions = pd.read_parquet(ws.eval_dir(name) / "predictions.parquet")
+        qa = predictions[predictions["task"] != "lm"]
+        assert qa["shown_doc_ids"].map(len).eq(2).all()  # K = 2 passages in the smoke profile
+    atlas = read_json(ws.architecture_dir("atlas") / "manifest.json")["info"]
+    control = read_json(ws.architecture_dir("atlas_reader_only") / "manifest.json")["info"]
+    assert (ws.architecture_dir("atlas") / "retriever" / "index" / "meta.json").exists()
+    assert not (ws.architecture_dir("atlas_reader_only") / "retriever").exists()
+    assert control["retriever_trainable_params"] == 0 and atlas["retriever_trainable_params"] > 0
+    assert control["reader_trainable_params"] == atlas["reader_trainable_params"] > 0
+    assert atlas["objective"]["kl"] == {"direction": "teacher_student", "reduction": "batchmean"}
