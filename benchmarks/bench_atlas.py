@@ -12,7 +12,7 @@ every component once on the same batch, in rotating order, so machine-load drift
 - `retriever`: the query tower's forward + backward for the retrieval scores (query-side);
 - `candidates`: retrieving the top-K (query encoding without grad + FAISS).
 
-    .venv/bin/python benchmarks/bench_atlas.py --workspace <ws> [--questions 16] [--batch 4] [--k 4] [--rounds 2]
+    .venv/bin/python benchmarks/bench_atlas.py --workspace <ws> [--questions 16] [--batch 2] [--k 4] [--rounds 2]
 
 Writes benchmarks/results/atlas.json and prints a markdown table: seconds per question (under
 whatever load the machine had) and the ratio of each component to `score`.
