@@ -100,7 +100,7 @@ def test_prefect_schedule_fires_then_everything_stops(tmp_path):
             # The MLflow parent run id is internal: not a parameter a deployment run could be given.
             assert set(refresh.parameter_openapi_schema["properties"]) == {"workspace", "params", "profile", "source"}
             assert set(evaluate.parameter_openapi_schema["properties"]) == {"workspace", "params", "profile", "architectures"}
-            assert refresh.entrypoint == "flows.pipeline.refresh"
+            assert refresh.entrypoint == "ragops.ops.flows.refresh"  # served from the package, not the top-level flows/ shim
             assert refresh.global_concurrency_limit.limit == 1
             assert refresh.concurrency_options.collision_strategy == "CANCEL_NEW"
             limit = client.read_global_concurrency_limit_by_name("ragops-workspace")
