@@ -201,7 +201,11 @@ def run(
     """Run the whole pipeline: data plane, every enabled architecture, comparison. Unchanged stages are skipped."""
     ws, config = ctx.obj.load()
     from ragops.ops.lock import workspace_lock
+    from ragops.pipeline import stale_dvc_yaml
 
+    stale = stale_dvc_yaml(ws.root, config)
+    if stale:
+        logging.getLogger("ragops").warning("%s", stale)
     if prefect:
         import os
 
@@ -223,6 +227,44 @@ def run(
             _report(outcome, _label(key))
     print_retrieval_table(ws)
     print_architecture_table(ws, config.enabled_architectures())
+
+
+@app.command()
+def pipeline(
+    ctx: typer.Context,
+    write: Annotated[bool, typer.Option("--write", help="Write dvc.yaml from the pipeline's definition.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Exit 1 when dvc.yaml is not the generated one.")] = False,
+) -> None:
+    """Show the pipeline (stages, the code each depends on); `--write` generates dvc.yaml from it."""
+    from ragops import pipeline as definition
+    from ragops.io import atomic_file
+
+    ws, config = ctx.obj.load()
+    text = definition.dvc_yaml(config)
+    target = ws.root / "dvc.yaml"
+    if write:
+        with atomic_file(target) as handle:
+            handle.write(text)
+        console.print(f"wrote {target} ({len(config.enabled_architectures())} architectures)")
+        return
+    if check:
+        stale = definition.stale_dvc_yaml(ws.root, config) if target.exists() else f"{target}: missing (run `ragops pipeline --write`)"
+        if stale:
+            err_console.print(f"error: {stale}")
+            raise typer.Exit(1)
+        console.print(f"{target}: up to date")
+        return
+    table = Table(title="pipeline (ragops run, the Prefect flows and dvc.yaml run these, in this order)")
+    for column in ("stage", "depends on code"):
+        table.add_column(column)
+    for stage in definition.DATA_STAGES:
+        table.add_row(stage, ", ".join(definition.STAGE_CODE[stage]))
+    for name in config.enabled_architectures():
+        code = definition.architecture_code(config, name)
+        table.add_row(f"train@{name}", ", ".join(code["train"]))
+        table.add_row(f"evaluate@{name}", "same + " + ", ".join(definition.EVALUATION_CODE))
+    table.add_row("compare", ", ".join(definition.STAGE_CODE["compare"]))
+    console.print(table)
 
 
 @app.command()

@@ -26,18 +26,18 @@ from typing import Any
 
 import numpy as np
 
-from ragops import __version__
 from ragops.config import DEFAULT_MODEL, Config
 from ragops.cost import CostMeter
 from ragops.errors import RagopsError, ValidationFailed
 from ragops.io import atomic_dir, json_hash, path_hash, read_json, write_json
 from ragops.paths import Workspace
+from ragops.pipeline import DATA_STAGES, STAGE_CODE, architecture_code, code_fingerprint
 from ragops.tracking import TrackedRun, tracked_run
 
 log = logging.getLogger("ragops.stages")
 
 MANIFEST = "_stage.json"
-STAGE_ORDER = ["ingest", "validate", "split", "chunk", "embed", "index", "eval_retrieval", "prepare_lm"]
+STAGE_ORDER = list(DATA_STAGES)  # defined once, in ragops.pipeline
 
 
 @dataclass
@@ -65,7 +65,9 @@ def _fingerprint(stage: str, params: dict[str, Any], inputs: dict[str, Path]) ->
         # Manifests are bookkeeping, not content: an upstream stage re-recording its manifest
         # must not make downstream stages re-run.
         hashes[name] = path_hash(path, exclude=(MANIFEST,))
-    return json_hash({"stage": stage, "version": __version__, "params": params, "inputs": hashes})
+    # The stage's own code (ragops.pipeline.STAGE_CODE; an architecture's evaluation passes its code
+    # in `params`): a change to it re-runs the stage, a change elsewhere does not.
+    return json_hash({"stage": stage, "code": code_fingerprint(STAGE_CODE.get(stage, ())), "params": params, "inputs": hashes})
 
 
 def _run_stage(
@@ -627,8 +629,6 @@ def evaluate_architecture(
     from ragops.evaluation import run_architecture
     from ragops.resources import encoder_name, lm_name
 
-    from ragops.architectures.base import code_fingerprint
-
     options = config.architecture_options(name)
     cls = registry.resolve(name, options)
     metrics_file = ws.metrics_file(name)
@@ -667,7 +667,7 @@ def evaluate_architecture(
     params = {
         "architecture": name, "options": options.model_dump(mode="json"),
         "lm": config.section("lm"), "eval": config.section("eval"), "seed": config.seed,
-        "code": code_fingerprint([*cls.code_paths(), "evaluation"]),
+        "code": code_fingerprint(architecture_code(config, name)["evaluate"]),
     }
     outcome = _run_stage(
         "evaluate", ws, config, out_dir=ws.eval_dir(name), inputs=inputs, params=params,
@@ -832,8 +832,8 @@ def record_in_dvc_lock(ws: Workspace, config: Config) -> bool:
     outputs = {
         "validate": ws.validation_dir, "split": ws.benchmark_dir, "chunk": ws.chunks_dir, "embed": ws.embeddings_dir,
         "index": ws.index_dir, "eval_retrieval": ws.retrieval_eval_dir, "prepare_lm": ws.lm_dir,
-        **{f"train@{name}": ws.architecture_dir(name) for name in config.architectures},
-        **{f"evaluate@{name}": ws.eval_dir(name) for name in config.architectures},
+        **{f"train@{name}": ws.architecture_dir(name) for name in config.enabled_architectures()},
+        **{f"evaluate@{name}": ws.eval_dir(name) for name in config.enabled_architectures()},
     }
     targets = [stage for stage, out_dir in outputs.items() if (out_dir / MANIFEST).exists() or (out_dir / "manifest.json").exists()]
     if ws.compare_dir.exists():

@@ -31,7 +31,6 @@ def dvc_repo(tmp_path, smoke_workspace, tiny_lm_dir, monkeypatch) -> Path:
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copytree(PROJECT_ROOT / "ragops", repo / "ragops", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(PROJECT_ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copy(PROJECT_ROOT / ".gitignore", repo / ".gitignore")
     params = write_params(repo, retrieval_eval={"max_questions": 10}, lm={"model": str(tiny_lm_dir)})
     # The two architectures that train nothing: the pipeline's shape without minutes of training.
@@ -41,6 +40,8 @@ def dvc_repo(tmp_path, smoke_workspace, tiny_lm_dir, monkeypatch) -> Path:
         if isinstance(profile, dict):
             profile.pop("architectures", None)
     params.write_text(yaml.safe_dump(values, sort_keys=False))
+    # dvc.yaml for these architectures, as a user does after enabling or disabling one.
+    sh(repo, "ragops", "pipeline", "--write")
     # The embedding cache is content-addressed: reuse the session's so the test embeds nothing new.
     shutil.copytree(smoke_workspace / ".cache", repo / ".cache")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")

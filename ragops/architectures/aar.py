@@ -181,7 +181,6 @@ class AAR(InContextRALM):
     finetune = "retriever"
     Options = AAROptions
     options: AAROptions
-    code_deps = ("architectures/incontext_ralm.py", "retrieval/retriever.py", "retrieval/embed.py")
 
     def load_proxy(self) -> CausalLM:
         """The proxy LM, loaded on its own: training never touches the target LM (`self.lm`)."""
@@ -197,7 +196,8 @@ class AAR(InContextRALM):
 
     def _preferences(self, proxy: CausalLM, examples: list[RetrievalExample], setup: RetrieverSetup, run: TrainRun) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """Positives and hard negatives per question, from the proxy's attention (cached on disk)."""
-        from ragops.architectures.base import _progress, code_fingerprint
+        from ragops.architectures.base import _progress
+        from ragops.pipeline import code_fingerprint
         from ragops.io import json_hash, path_hash
         from ragops.training.teachers import PairScoreCache
 

@@ -457,7 +457,7 @@ class Atlas(InContextRALM):
     finetune = "joint"
     Options = AtlasOptions
     options: AtlasOptions
-    code_deps = ("architectures/incontext_ralm.py", "architectures/aar.py", "retrieval/retriever.py", "retrieval/embed.py")
+    code_deps = ("architectures/aar.py",)  # its attention aggregation (ADist)
 
     def __init__(self, ctx, options=None) -> None:
         super().__init__(ctx, options)

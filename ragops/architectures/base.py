@@ -29,6 +29,7 @@ import numpy as np
 
 from ragops.config import DEFAULT_MODEL, ArchitectureOptions
 from ragops.errors import RagopsError
+from ragops.pipeline import code_fingerprint
 from ragops.retrieval.types import Passage, Retriever
 
 if TYPE_CHECKING:
@@ -45,11 +46,11 @@ FineTune = Literal["none", "retriever", "lm", "joint"]
 
 QA_BATCH = 32  # questions per LM call (and per progress-bar step)
 RETRIEVER_DIR = "retriever"  # a trained architecture's tuned retriever: query_encoder/, index/
-#: Package-relative sources every trained architecture depends on (see `Architecture.code_paths`).
-TRAINING_CODE = (
-    "architectures/base.py", "architectures/shared.py", "architectures/prompts.py", "lm", "training",
-    "retrieval/trainable.py", "retrieval/types.py",
-)
+#: Package-relative sources every architecture's results depend on (see `Architecture.code_paths`):
+#: the interface, the shared mechanisms, the prompt format, the LM layer and the retrieval stack.
+INFERENCE_CODE = ("architectures/base.py", "architectures/shared.py", "architectures/prompts.py", "lm", "retrieval")
+#: ... and, for an architecture that fine-tunes something, the training substrate.
+TRAINING_CODE = ("training",)
 LM_DOC_BATCH = 8  # held-out documents per LM call in the plain-LM path
 
 
@@ -137,17 +138,24 @@ class Architecture:
 
     # --- training -----------------------------------------------------------------------------------------
     MANIFEST: ClassVar[str] = "manifest.json"
-    #: Source files (relative to the ragops package) a trained architecture's result also depends on,
-    #: beyond `TRAINING_CODE` and its own module; the train stage's fingerprint and its DVC deps use them.
+    #: Source files (relative to the ragops package) the results also depend on, beyond
+    #: `INFERENCE_CODE`, `TRAINING_CODE` and the modules of the class and its bases.
     code_deps: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def code_paths(cls) -> list[str]:
-        """Package-relative source files whose change must retrain this architecture (and, for
-        evaluation, re-evaluate it): its module, the shared mechanisms, the LM layer, the training
-        substrate and what it declares in `code_deps`."""
-        own = [cls.__module__.split(".", 1)[1].replace(".", "/") + ".py"] if cls.__module__.startswith("ragops.") else []
-        return sorted({*TRAINING_CODE, *own, *cls.code_deps})
+        """Package-relative source files whose change must retrain this architecture (and, with the
+        evaluation harness, re-evaluate it): the modules of its class and of the architectures it
+        builds on (an REPLUG LSR change does not touch REPLUG; a REPLUG change touches both), the
+        shared mechanisms, the LM layer, the retrieval stack, the training substrate when it trains,
+        and what it declares in `code_deps`. The train/evaluate fingerprints and dvc.yaml use this list."""
+        own = {
+            klass.__module__.split(".", 1)[1].replace(".", "/") + ".py"
+            for klass in cls.__mro__
+            if klass.__module__.startswith("ragops.architectures.") and klass.__module__ != __name__
+        }
+        trains = TRAINING_CODE if cls.finetune != "none" else ()
+        return sorted({*INFERENCE_CODE, *trains, *own, *cls.code_deps})
 
     def training_settings(self) -> dict[str, Any]:
         """Everything the trained artifacts depend on, as a nested dict: options, LM, encoder,
@@ -369,24 +377,6 @@ class Architecture:
         if bar is not None:
             bar.close()
         return pd.DataFrame(rows)
-
-
-def code_fingerprint(paths: list[str]) -> dict[str, str]:
-    """{package-relative path: content hash} of source files or folders (their .py files)."""
-    from ragops.io import file_hash, json_hash
-
-    root = Path(__file__).resolve().parents[1]
-    out = {}
-    for rel in paths:
-        path = root / rel
-        if path.is_dir():
-            files = sorted(path.rglob("*.py"))
-            out[rel] = json_hash({str(f.relative_to(root)): file_hash(f) for f in files if "__pycache__" not in f.parts})
-        elif path.exists():
-            out[rel] = file_hash(path)
-        else:
-            out[rel] = "missing"
-    return out
 
 
 def _progress(enabled: bool, total: int, desc: str):

@@ -188,11 +188,10 @@ class REPLUGLSR(REPLUG):
     finetune = "retriever"
     Options = REPLUGLSROptions
     options: REPLUGLSROptions
-    code_deps = ("architectures/replug.py", "architectures/incontext_ralm.py", "retrieval/retriever.py", "retrieval/embed.py")
 
     def teacher_cache(self):
         """The persistent (example, chunk) → teacher score cache of this LM and prompt format."""
-        from ragops.architectures.base import code_fingerprint
+        from ragops.pipeline import code_fingerprint
         from ragops.io import json_hash
         from ragops.training.teachers import PairScoreCache
 

@@ -25,8 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ragops.ops import orchestration as orch
 from ragops.ops import sharding
-
-REFRESH_STAGES = ["ingest", "validate", "split", "chunk", "embed", "index", "eval_retrieval"]
+from ragops.pipeline import REFRESH_STAGES  # the order is defined once, in ragops.pipeline
 
 
 def _stage_task(stage: str):
