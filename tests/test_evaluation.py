@@ -257,3 +257,36 @@ def test_pairing_sees_a_consistent_gain_that_separate_intervals_miss():
     assert lo_b < hi_a  # overlapping separate intervals
     diff, low, high = paired_mean_difference(b, a, 1000, 0.95, seed=0)
     assert low > 0 and low <= diff <= high
+
+
+def test_qa_metrics_on_questions_whose_answer_is_no_train_answer():
+    """`<task>/*_unseen` leave out the questions whose normalised answer a method could have memorised
+    from the train split; hand-computed on three questions."""
+    from ragops.architectures.base import Architecture
+    from ragops.config import EvalConfig
+    from ragops.evaluation.harness import evaluate_qa
+
+    class Recite(Architecture):  # answers from a table: the harness is what is under test
+        predictions = {"q1": "Family of birds.", "q2": "painter", "q3": "a city"}
+
+        def answer(self, questions, meter):
+            return pd.DataFrame([{
+                "qid": q, "prediction": self.predictions[q], "gold_nll": nll, "retrieved_doc_ids": [], "retrieved_scores": [],
+                "shown_doc_ids": [], "tokens_prompt": 1, "tokens_retrieved": 0, "tokens_generated": 1, "gold_tokens": 1,
+            } for q, nll in zip(questions["qid"], [0.5, 2.0, 4.0], strict=True)])
+
+    arch = Recite.__new__(Recite)
+    arch.name = "recite"
+    questions = pd.DataFrame({
+        "qid": ["q1", "q2", "q3"], "task": "describe", "split": "test", "question": ["?"] * 3,
+        "answer": ["family of birds", "Swiss painter", "river in Peru"], "gold_doc_id": ["d1", "d2", "d3"],
+    })
+    metrics, table = evaluate_qa(arch, "describe", questions, CostMeter("inference"), EvalConfig(bootstrap_samples=50), 0,
+                                 train_answers=frozenset({"family of birds"}))
+    assert list(table["answer_in_train"]) == [True, False, False]
+    # F1: q1 1.0; q2 "painter" vs "swiss painter": P=1, R=1/2 -> 2/3; q3 0.
+    assert metrics["describe/f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert metrics["describe/f1_unseen"] == pytest.approx((2 / 3 + 0) / 2)
+    assert metrics["describe/em"] == pytest.approx(1 / 3) and metrics["describe/em_unseen"] == 0.0
+    assert metrics["describe/gold_nll_unseen"] == pytest.approx(3.0)
+    assert set(metrics) == {k for k in metric_keys(["describe"])}

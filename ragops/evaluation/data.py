@@ -40,6 +40,15 @@ def load_questions(ws: Workspace, tasks: Iterable[str], split: str, max_question
     return pd.concat(parts, ignore_index=True)
 
 
+def load_train_answers(ws: Workspace) -> frozenset[str]:
+    """Every train-split answer (all QA tasks), normalised as EM normalises: the answers a method
+    that trains on the train split may have memorised."""
+    from ragops.evaluation.metrics import normalize_answer
+
+    frame = _read(ws.questions, "questions", ["split", "answer"])
+    return frozenset(normalize_answer(a) for a in frame.loc[frame["split"] == "train", "answer"])
+
+
 def heldout_split(doc_id: str) -> str:
     """Held-out articles are halved, stably by id, into a `dev` half (sweeps) and a `test` half."""
     return "dev" if hashlib.sha1(doc_id.encode("utf-8")).digest()[0] % 2 == 0 else "test"

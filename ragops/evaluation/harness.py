@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ragops.evaluation.metrics import exact_match, perplexity_metrics, token_f1, with_ci
+from ragops.evaluation.metrics import exact_match, normalize_answer, perplexity_metrics, token_f1, with_ci
 
 if TYPE_CHECKING:
     from ragops.architectures.base import Architecture
@@ -22,16 +22,23 @@ if TYPE_CHECKING:
 PREDICTION_COLUMNS = [
     "task", "qid", "doc_id", "question", "gold", "prediction", "em", "f1", "gold_nll", "retrieval_recall",
     "retrieved_doc_ids", "retrieved_scores", "shown_doc_ids", "tokens_prompt", "tokens_retrieved",
-    "tokens_generated", "tokens_scored", "nll_sum", "n_tokens", "n_words", "retrieval_calls",
+    "tokens_generated", "tokens_scored", "nll_sum", "n_tokens", "n_words", "retrieval_calls", "answer_in_train",
 ]
 QA_METRICS = ("em", "f1", "gold_nll", "retrieval_recall")
+#: The same quality on the questions whose (normalised) answer is no train-split answer: a method
+#: that trains on the train split could otherwise score by reciting a memorised answer string
+#: ("family of birds" is the answer of 6.8% of test `describe` questions and of many train ones).
+QA_UNSEEN_METRICS = ("em_unseen", "f1_unseen", "gold_nll_unseen")
 LM_METRICS = ("token_ppl", "word_ppl")
 
 
 def evaluate_qa(
-    arch: Architecture, task: str, questions: pd.DataFrame, meter: CostMeter, eval_config: EvalConfig, seed: int
+    arch: Architecture, task: str, questions: pd.DataFrame, meter: CostMeter, eval_config: EvalConfig, seed: int,
+    train_answers: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, float], pd.DataFrame]:
-    """Metrics `<task>/{em,f1,gold_nll,retrieval_recall}` (+ CIs) and one prediction row per question."""
+    """Metrics `<task>/{em,f1,gold_nll,retrieval_recall}` (+ CIs) and one prediction row per question,
+    and `<task>/{em,f1,gold_nll}_unseen` on the questions whose normalised answer is not in
+    `train_answers` (the train split's answers, normalised)."""
     out = arch.answer(questions.reset_index(drop=True), meter)
     if len(out) != len(questions) or list(out["qid"]) != list(questions["qid"]):
         raise RuntimeError(f"{arch.name}.answer returned {len(out)} rows for {len(questions)} questions, or out of order")
@@ -58,10 +65,13 @@ def evaluate_qa(
                 "tokens_generated": int(a["tokens_generated"]),
                 "tokens_scored": int(a["gold_tokens"]),
                 "retrieval_calls": int(bool(len(a["retrieved_doc_ids"]))),
+                "answer_in_train": normalize_answer(q["answer"]) in train_answers,
             }
         )
     table = pd.DataFrame(rows)
     per_example = {name: table[name].dropna().to_numpy(dtype=float) for name in QA_METRICS}
+    unseen = table[~table["answer_in_train"]]
+    per_example.update({f"{name}_unseen": unseen[name].dropna().to_numpy(dtype=float) for name in ("em", "f1", "gold_nll")})
     metrics = with_ci(task, per_example, eval_config.bootstrap_samples, eval_config.confidence, seed)
     return metrics, table
 
@@ -107,6 +117,7 @@ def predictions_frame(parts: list[pd.DataFrame]) -> pd.DataFrame:
         table[column] = [list(v) if isinstance(v, (list, tuple, np.ndarray)) else [] for v in table[column]]
     for column in ("qid", "doc_id", "question", "gold", "prediction"):
         table[column] = table[column].astype(object).where(table[column].notna(), None)
+    table["answer_in_train"] = table["answer_in_train"].astype("boolean")  # NA for lm rows
     for column in ("em", "f1", "gold_nll", "retrieval_recall", "nll_sum"):
         table[column] = pd.to_numeric(table[column], errors="coerce").astype(float)
     for column in ("tokens_prompt", "tokens_retrieved", "tokens_generated", "tokens_scored", "n_tokens", "n_words", "retrieval_calls"):
@@ -118,7 +129,7 @@ def metric_keys(tasks: list[str]) -> list[str]:
     """Every metric key `run_architecture` reports for `tasks` (identical for all architectures)."""
     keys: list[str] = []
     for task in tasks:
-        for name in LM_METRICS if task == "lm" else QA_METRICS:
+        for name in LM_METRICS if task == "lm" else (*QA_METRICS, *QA_UNSEEN_METRICS):
             keys += [f"{task}/{name}", f"{task}/{name}_ci_low", f"{task}/{name}_ci_high"]
     return keys
 

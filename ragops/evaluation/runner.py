@@ -11,7 +11,7 @@ import pandas as pd
 from ragops.architectures import registry
 from ragops.architectures.base import Architecture, ArchitectureContext
 from ragops.errors import RagopsError
-from ragops.evaluation.data import check_workspace_leakage, load_heldout, load_questions
+from ragops.evaluation.data import check_workspace_leakage, load_heldout, load_questions, load_train_answers
 from ragops.evaluation.harness import evaluate_lm, evaluate_qa, predictions_frame
 from ragops.architectures.prompts import qa_prompt
 
@@ -73,6 +73,7 @@ def run_architecture(
     docs = load_heldout(ws, eval_config.split, eval_config.max_lm_docs) if "lm" in eval_config.tasks else None
     if docs is not None:
         check_workspace_leakage(ws)
+    train_answers = load_train_answers(ws) if len(questions) else frozenset()
 
     if arch.needs_training():
         raise RagopsError(f"{arch.artifact_dir}: '{name}' is not trained for the current settings (run: ragops train {name})")
@@ -93,7 +94,7 @@ def run_architecture(
             else:
                 subset = questions[questions["task"] == task]
                 with infer_meter.part("qa", "questions") as part:
-                    task_metrics, table = evaluate_qa(arch, task, subset, infer_meter, eval_config, config.seed)
+                    task_metrics, table = evaluate_qa(arch, task, subset, infer_meter, eval_config, config.seed, train_answers)
                     part.units += len(table)
             metrics.update(task_metrics)
             parts.append(table)
