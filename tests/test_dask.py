@@ -4,6 +4,8 @@ single-process `embed` stage, and the architectures evaluate in the workers."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -110,6 +112,26 @@ def test_evaluate_flow_on_dask(prefect_api, copy_workspace, dask_cluster):
     children = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", output_format="list")
     evaluated = [r.info.run_name for r in children if r.data.tags.get("ragops.kind") == "architecture" or r.info.run_name == "compare"]
     assert sorted(evaluated) == sorted([*names, "compare"])
+
+    # The same architectures trained and evaluated in one process by `ragops run` give the same
+    # numbers (quality metrics; costs are measurements), and a second `ragops run` does nothing.
+    from typer.testing import CliRunner
+
+    from ragops.cli import app
+
+    single = copy_workspace()
+    first = CliRunner().invoke(app, ["--workspace", str(single), "run"])
+    assert first.exit_code == 0, first.output
+    for name in names:
+        fanned = json.loads((root / "metrics" / f"{name}.json").read_text())
+        alone = json.loads((single / "metrics" / f"{name}.json").read_text())
+        quality = [k for k in alone if not k.startswith(("train/", "inference/"))]
+        assert quality and {k: alone[k] for k in quality} == pytest.approx({k: fanned[k] for k in quality}, nan_ok=True, rel=1e-6), name
+    again = CliRunner().invoke(app, ["--workspace", str(single), "run"])
+    assert again.exit_code == 0, again.output
+    ran = [line for line in again.output.splitlines() if ": done" in line]
+    assert not ran, f"a second ragops run re-ran: {ran}"
+    assert again.output.count("unchanged, skipped") >= len(names) * 2 + 8  # data stages, train@/evaluate@ each, compare
 
 
 def test_tls_scheduler_needs_and_uses_client_certificates(monkeypatch):
