@@ -40,6 +40,8 @@ def configure_environment(root: str | Path = ".") -> None:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
+        # transformers' "Loading weights" bar (per model load) drowns ragops' own progress bars.
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
     for key, value in defaults.items():

@@ -117,8 +117,8 @@ def smoke_workspace(tiny_lm_dir, migrated_mlflow_db) -> Path:
 def copy_workspace(smoke_workspace, tmp_path, monkeypatch):
     """A private copy of the smoke workspace (with its own MLflow store) that a test may change."""
 
-    def make() -> Path:
-        target = tmp_path / "ws"
+    def make(name: str = "ws") -> Path:
+        target = tmp_path / name
         shutil.copytree(smoke_workspace, target, symlinks=True, ignore=shutil.ignore_patterns(".cache"))
         # The embedding cache is content-addressed and read-only for tests: share it.
         if (smoke_workspace / ".cache").exists():

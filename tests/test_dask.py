@@ -119,7 +119,7 @@ def test_evaluate_flow_on_dask(prefect_api, copy_workspace, dask_cluster):
 
     from ragops.cli import app
 
-    single = copy_workspace()
+    single = copy_workspace("single-process")
     first = CliRunner().invoke(app, ["--workspace", str(single), "run"])
     assert first.exit_code == 0, first.output
     for name in names:
