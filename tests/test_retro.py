@@ -323,3 +323,27 @@ def test_train_and_evaluate_smoke_with_the_random_neighbour_control(copy_workspa
     randomised = pd.read_parquet(ws.eval_dir("retro_random") / "predictions.parquet")
     qa_r, qa_c = retrieved[retrieved["task"] != "lm"], randomised[randomised["task"] != "lm"]
     assert list(qa_r["retrieved_doc_ids"].map(list)) != list(qa_c["retrieved_doc_ids"].map(list))
+
+
+def test_untrained_retro_scores_and_answers_as_the_closed_book(smoke_workspace):
+    """Before training (no artifacts: fresh modules, gate closed) retro's lm NLLs, gold-answer NLLs
+    and greedy answers are the closed book's, although every chunk and question has neighbours."""
+    from ragops.cost import CostMeter
+    from ragops.evaluation.data import load_heldout, load_questions
+    from ragops.evaluation.runner import build_architecture
+
+    arch = _retro(smoke_workspace)
+    ws, config = arch.ctx.ws, arch.ctx.config
+    closed = build_architecture("closed_book", ws, config, progress=False, lm=arch.lm)
+    docs = load_heldout(ws, config.eval.split, 2)
+    questions = load_questions(ws, ["describe", "identify"], config.eval.split, 2)
+    with CostMeter("inference") as meter:
+        ours, theirs = arch.score_documents(docs, meter), closed.score_documents(docs, CostMeter("inference"))
+        answers, reference = arch.answer(questions, meter), closed.answer(questions, CostMeter("inference"))
+    np.testing.assert_allclose(ours["nll_sum"], theirs["nll_sum"], rtol=1e-5)
+    assert list(ours["n_tokens"]) == list(theirs["n_tokens"])
+    assert (ours["retrieval_calls"] > 0).all() and (ours["tokens_retrieved"] > 0).all()
+    np.testing.assert_allclose(answers["gold_nll"], reference["gold_nll"], rtol=1e-5)
+    assert list(answers["prediction"]) == list(reference["prediction"])
+    assert answers["retrieved_doc_ids"].map(len).eq(2).all()
+    assert meter.counters["retrieval_calls"] == ours["retrieval_calls"].sum() + len(questions)
