@@ -347,3 +347,28 @@ def test_untrained_retro_scores_and_answers_as_the_closed_book(smoke_workspace):
     assert list(answers["prediction"]) == list(reference["prediction"])
     assert answers["retrieved_doc_ids"].map(len).eq(2).all()
     assert meter.counters["retrieval_calls"] == ours["retrieval_calls"].sum() + len(questions)
+
+
+def test_cached_greedy_generation_equals_full_recomputation(tiny_model, tiny_lm_dir):
+    """Generation appends one token at a time with the KV cache and the question's neighbours kept:
+    with the gate open, each step's token is the argmax of a full forward over prompt + tokens so far."""
+    from ragops.architectures.retro import greedy_generate, qa_sequence
+    from ragops.lm.model import CausalLM
+
+    lm = CausalLM.load(tiny_lm_dir, device="cpu")
+    modules = _modules(tiny_model, gate_open=True)
+    prompts = [qa_sequence(list(range(40, 46)), [], M, _neighbours(5)), qa_sequence(list(range(50, 63)), [], M, _neighbours(6))]
+    retro = RetroLM(tiny_model, modules)
+    try:
+        texts, counts = greedy_generate(retro, lm, prompts, M, K, R, max_new_tokens=7, stop=())
+        for prompt, text, count in zip(prompts, texts, counts, strict=True):
+            tokens: list[int] = []
+            for _ in range(count):
+                seq = RetroSequence(prompt.ids + tokens, 1, prompt.lead, prompt.neighbours)
+                with torch.no_grad():
+                    logits, _ = retro.forward(collate([seq], M, K, R, pad_id=lm.pad_id))
+                tokens.append(int(logits[0, -1].argmax()))
+            assert count > M  # past the question chunk's m-token reach: later tokens read no neighbours
+            assert text == lm.decode(tokens)
+    finally:
+        retro.remove()

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -438,6 +439,8 @@ class RetroLM:
         self.device = device
         self._state: _State | None = None
         self._torch = torch
+        params = list(inspect.signature(self.body.forward).parameters)
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers renamed it
         layers = self.body.layers
         self.first_layer = modules.layers[0]
         self._handles = [layers[layer].register_forward_hook(self._hook(i, layer)) for i, layer in enumerate(modules.layers)]
@@ -495,11 +498,11 @@ class RetroLM:
                       "position_ids": (batch.positions if positions is None else positions).to(self.device),
                       "use_cache": use_cache}
             if cache is not None:
-                kwargs["past_key_values"] = cache
+                kwargs[self._cache_kw] = cache
             out = self.body(**kwargs)
         finally:
             self._state = None
-        return out.last_hidden_state, getattr(out, "past_key_values", None), state
+        return out.last_hidden_state, getattr(out, self._cache_kw, None), state
 
     def forward(self, batch: Batch, labels: Any = None):
         """(logits, loss): with `labels` ([B, T], −100 = ignored; label t is predicted at t−1) the
