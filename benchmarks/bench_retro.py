@@ -45,6 +45,9 @@ SHAPES = {
              "num_key_value_heads": 2, "tie_word_embeddings": True},
 }
 DEFAULT_DECODER_TOKENS = 155_000  # params.yaml architectures.retro: 1,000 articles (<=160 tokens) + 1,000 QA prompts
+# SmolLM2's no-grad forward with full-vocabulary logits on 2 quiet cores (method-designs.md §1.2, from
+# benchmarks/results/lm.json's 736-1,010 tok/s scoring path): the anchor the measured ratio is applied to.
+QUIET_FORWARD_TOKENS_PER_S = 700
 
 
 def load_average() -> float:
@@ -143,14 +146,16 @@ def main() -> None:
         "tokens_per_second": {name: tokens / s for name, s in median.items()},
         "ratio_to_base_forward": {name: median["base"] / s for name, s in median.items()},
         "default_training_minutes_at_this_rate": DEFAULT_DECODER_TOKENS / train_rate / 60,
+        "default_training_minutes_quiet_estimate": DEFAULT_DECODER_TOKENS / (QUIET_FORWARD_TOKENS_PER_S * median["base"] / median["train"]) / 60,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(Path(args.out), result)
     print("| component | s / batch | tok/s | ratio to base forward |\n|---|---|---|---|")
     for name in components:
         print(f"| {name} | {median[name]:.3f} | {tokens / median[name]:.0f} | {median['base'] / median[name]:.2f} |")
-    print(f"default training ({DEFAULT_DECODER_TOKENS} decoder tokens) at this rate: {result['default_training_minutes_at_this_rate']:.1f} min; "
-          f"load average {min(loads):.1f}-{max(loads):.1f}")
+    print(f"default training ({DEFAULT_DECODER_TOKENS} decoder tokens): {result['default_training_minutes_at_this_rate']:.1f} min at this "
+          f"rate (load average {min(loads):.1f}-{max(loads):.1f}), {result['default_training_minutes_quiet_estimate']:.1f} min at the quiet "
+          f"anchor ({QUIET_FORWARD_TOKENS_PER_S} tok/s forward x the measured ratio)")
 
 
 if __name__ == "__main__":

@@ -786,11 +786,6 @@ class Retro(Architecture):
             if source.cache is not None:
                 source.cache.save()
 
-    def param_counts(self) -> tuple[int, int]:
-        manifest = self.trained_manifest() or {}
-        info = manifest.get("info", {})
-        return self.lm.n_params + int(info.get("extra_params", 0)), int(info.get("trainable_params", 0))
-
     # --- training data --------------------------------------------------------------------------------
     def training_sequences(self, source: NeighbourSource) -> tuple[list[RetroSequence], list[RetroSequence], dict[str, list[str]]]:
         """(train, dev, ids): LM text of trainable articles (own article excluded from its chunks'
