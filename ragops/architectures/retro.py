@@ -154,16 +154,20 @@ class NeighbourSource:
         self.k, self.tokens, self.mode, self.cache, self.seed = k, tokens, mode, cache, seed
         self.calls = 0  # queries answered (cache hits included): the retrieval calls charged
         self._ids: dict[str, list[int]] = {}
+        self._memo: dict[str, list[Passage]] = {}
 
-    def passages(self, queries: Sequence[str], exclude: Sequence[str | None]) -> list[list[Passage]]:
-        self.calls += len(queries) if self.mode == "retrieved" else 0
+    def passages(self, queries: Sequence[str], exclude: Sequence[str | None], *, count: bool = True) -> list[list[Passage]]:
+        if count and self.mode == "retrieved":
+            self.calls += len(queries)
         if self.mode == "random":
             return [self._random(q, x) for q, x in zip(queries, exclude, strict=True)]
         out: list[list[Passage] | None] = [None] * len(queries)
         missing: dict[tuple[str, str], list[int]] = {}
         for i, (query, excluded) in enumerate(zip(queries, exclude, strict=True)):
             key = self._key(query, excluded)
-            hit = self.cache.get(key, query) if self.cache is not None else None
+            hit = self._memo.get(key)
+            if hit is None and self.cache is not None:
+                hit = self.cache.get(key, query)
             if hit is None:
                 missing.setdefault((query, excluded or ""), []).append(i)
             else:
@@ -174,9 +178,16 @@ class NeighbourSource:
             for (query, excluded), found in zip(todo, result.passages(), strict=True):
                 for i in missing[(query, excluded)]:
                     out[i] = found
+                key = self._key(query, excluded or None)
+                self._memo[key] = found
                 if self.cache is not None:
-                    self.cache.put(self._key(query, excluded or None), query, found)
+                    self.cache.put(key, query, found)
         return out  # type: ignore[return-value]
+
+    def prefetch(self, queries: Sequence[str], exclude: Sequence[str | None], block: int = 256) -> None:
+        """Look `queries` up in large batches ahead of their one-by-one use (not charged: their use is)."""
+        for start in range(0, len(queries), block):
+            self.passages(queries[start : start + block], exclude[start : start + block], count=False)
 
     @staticmethod
     def _key(query: str, excluded: str | None) -> str:
@@ -800,11 +811,15 @@ class Retro(Architecture):
         text_docs: list[str] = []
         if opt.lm_articles:
             articles = trainable_articles(ws)
-            pick = np.random.default_rng([seed, 11]).permutation(len(articles))[: opt.lm_articles]
-            bar = _progress(self.progress, len(pick), f"{self.name}: neighbours of training articles")
-            for row in sorted(int(i) for i in pick):
-                doc = articles.iloc[row]
-                ids = (lm.document_start + lm.encode(document_text(doc["title"], doc["text"])))[: opt.max_tokens]
+            pick = sorted(int(i) for i in np.random.default_rng([seed, 11]).permutation(len(articles))[: opt.lm_articles])
+            docs = [articles.iloc[row] for row in pick]
+            texts = [(lm.document_start + ids)[: opt.max_tokens]
+                     for ids in lm.encode_batch([document_text(d["title"], d["text"]) for d in docs])]
+            chunk_queries = [(lm.decode(ids[u * m : (u + 1) * m]), str(d["doc_id"]))
+                             for d, ids in zip(docs, texts, strict=True) for u in range(len(ids) // m) if (u + 1) * m < len(ids)]
+            source.prefetch([q for q, _ in chunk_queries], [x for _, x in chunk_queries])
+            bar = _progress(self.progress, len(docs), f"{self.name}: training articles")
+            for doc, ids in zip(docs, texts, strict=True):
                 if len(ids) < 2:
                     continue
                 seq, _ = lm_sequence(ids, 1, m, source, lm.decode, exclude=str(doc["doc_id"]))
@@ -819,6 +834,7 @@ class Retro(Architecture):
         if opt.qa_examples:
             questions = train_questions(ws, opt.qa_examples, seed)
             chat, terminator = lm.chat_formatter, reader_terminator(lm)
+            source.prefetch([str(q) for q in questions["question"]], [None] * len(questions))
             found, _ = source.neighbours([str(q) for q in questions["question"]], [None] * len(questions))
             for (_, q), neighbours in zip(questions.iterrows(), found, strict=True):
                 prompt = lm.encode(qa_prompt(str(q["question"]), (), chat))
