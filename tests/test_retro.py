@@ -233,7 +233,6 @@ def test_training_data_is_train_split_only_and_guarded(smoke_workspace, monkeypa
     docs = [e.split(":", 1)[1] for e in ids["train"] + ids["dev"] if e.startswith("lm:")]
     assert len(qa) == 6 and {split_of[q] for q in qa} == {"train"}
     assert len(docs) == 4 and not set(docs) & forbidden_doc_ids(ws)
-    heldout = set(pd.read_parquet(ws.heldout)["doc_id"].astype(str))
     for seq in train + dev:
         for found in seq.neighbours.values():
             assert len(found) == 2
@@ -242,7 +241,6 @@ def test_training_data_is_train_split_only_and_guarded(smoke_workspace, monkeypa
     monkeypatch.setattr("ragops.architectures.retro.trainable_articles", lambda _ws: pd.read_parquet(ws.heldout))
     with pytest.raises(RagopsError, match="leakage: training text from"):
         arch.training_sequences(arch.neighbour_source("retrieved"))
-    assert heldout
 
 
 class _Killed(Exception):

@@ -445,9 +445,9 @@ class RetroLM:
         self.embed = model.get_input_embeddings()
         for p in model.parameters():
             p.requires_grad_(False)
-        device = next(model.parameters()).device
-        modules.to(device)
-        self.device = device
+        first = next(model.parameters())
+        modules.to(device=first.device, dtype=first.dtype)  # the LM's lm.dtype (float32 by default)
+        self.device = first.device
         self._state: _State | None = None
         self._torch = torch
         params = list(inspect.signature(self.body.forward).parameters)
