@@ -284,6 +284,14 @@ def test_kill_and_resume_equals_an_uninterrupted_run_and_only_new_modules_train(
     again = load_file(str(arch.artifact_dir / "retro" / "modules.safetensors"))
     assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)
 
+    # after training the neighbours matter, and still only from the last token of their chunk on
+    trained = _retro(root, **overrides)
+    retro, m = trained.retro_lm(), trained.options.chunk_size
+    ids = list(range(20, 20 + 3 * m))
+    runs = [score_sequences(retro, [RetroSequence(ids, 1, 0, {0: [[5 + s] * 16, [9 + s] * 16]})], m, 2, 16, 0)[0] for s in (0, 100)]
+    np.testing.assert_array_equal(runs[0][: m - 1], runs[1][: m - 1])
+    assert np.abs(runs[0][m - 1 :] - runs[1][m - 1 :]).max() > 1e-6
+
     # modules trained on another base LM are refused, naming both
     meta = arch.artifact_dir / "retro" / "retro.json"
     meta.write_text(meta.read_text().replace('"base_fingerprint": "', '"base_fingerprint": "other'))
