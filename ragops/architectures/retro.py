@@ -801,7 +801,6 @@ class Retro(Architecture):
     def training_sequences(self, source: NeighbourSource) -> tuple[list[RetroSequence], list[RetroSequence], dict[str, list[str]]]:
         """(train, dev, ids): LM text of trainable articles (own article excluded from its chunks'
         neighbours) and train-split QA prompts with their gold answers, shuffled with the seed."""
-        from ragops.architectures.atlas import reader_terminator
         from ragops.architectures.prompts import answer_continuation, document_text, qa_prompt
         from ragops.training.data import assert_clean_training_data, train_questions
 
@@ -833,7 +832,7 @@ class Retro(Architecture):
         qids: list[str] = []
         if opt.qa_examples:
             questions = train_questions(ws, opt.qa_examples, seed)
-            chat, terminator = lm.chat_formatter, reader_terminator(lm)
+            chat, terminator = lm.chat_formatter, answer_terminator(lm)
             source.prefetch([str(q) for q in questions["question"]], [None] * len(questions))
             found, _ = source.neighbours([str(q) for q in questions["question"]], [None] * len(questions))
             for (_, q), neighbours in zip(questions.iterrows(), found, strict=True):
@@ -1050,6 +1049,16 @@ class Retro(Architecture):
             self._save_cache()
         self.info["lm"] = {"chunk_size": m, "k": k, "neighbours": opt.eval_neighbours}
         return pd.DataFrame(rows)
+
+
+def answer_terminator(lm: CausalLM) -> list[int]:
+    """What ends a trained gold answer: the chat model's end-of-turn (EOS) token, else a newline —
+    where generation stops (as Atlas's reader is trained; not imported, so a change there does not
+    retrain RETRO)."""
+    eos = lm.tokenizer.eos_token_id
+    if lm.chat_formatter is not None and eos is not None:
+        return [int(eos)]
+    return lm.encode("\n")
 
 
 def trainable_articles(ws: Any) -> pd.DataFrame:
