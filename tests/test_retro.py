@@ -224,7 +224,7 @@ def _retro(root, name="retro", **overrides):
 def test_training_data_is_train_split_only_and_guarded(smoke_workspace, monkeypatch):
     from ragops.training.data import forbidden_doc_ids
 
-    arch = _retro(smoke_workspace)
+    arch = _retro(smoke_workspace, cache_retrieval=False)  # the shared workspace stays as it is
     ws = arch.ctx.ws
     train, dev, ids = arch.training_sequences(arch.neighbour_source("retrieved"))
     questions = pd.read_parquet(ws.questions)
@@ -338,7 +338,7 @@ def test_untrained_retro_scores_and_answers_as_the_closed_book(smoke_workspace):
     from ragops.evaluation.data import load_heldout, load_questions
     from ragops.evaluation.runner import build_architecture
 
-    arch = _retro(smoke_workspace)
+    arch = _retro(smoke_workspace, cache_retrieval=False)  # the shared workspace stays as it is
     ws, config = arch.ctx.ws, arch.ctx.config
     closed = build_architecture("closed_book", ws, config, progress=False, lm=arch.lm)
     docs = load_heldout(ws, config.eval.split, 2)
@@ -378,3 +378,12 @@ def test_cached_greedy_generation_equals_full_recomputation(tiny_model, tiny_lm_
             assert text == lm.decode(tokens)
     finally:
         retro.remove()
+
+
+def test_the_control_trains_its_own_weights_when_retro_has_none(copy_workspace):
+    from ragops.training.loop import TrainRun
+
+    control = _retro(copy_workspace(), "retro_random")
+    info = control.train(TrainRun(progress=False))
+    assert "reused_from" not in info and info["training"]["steps"] == 2
+    assert (control.artifact_dir / "retro" / "modules.safetensors").exists() and not control.needs_training()
