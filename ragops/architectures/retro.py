@@ -44,8 +44,9 @@ Evaluation, same metric keys as every architecture:
   NLL is scored after that prompt as for every architecture; greedy generation keeps the
   question's neighbours (answers are shorter than m tokens; no re-retrieval at chunk boundaries).
 - `eval_neighbours: random` (the `retro_random` control): the same trained weights (copied from
-  the base entry's artifacts when they match, else trained identically) read k random index
-  chunks (+ continuations) instead: what the retrieved content itself is worth.
+  the base entry's artifacts when they match — so train `retro` first, as `ragops run` does in
+  params order — else trained identically) read k random index chunks (+ continuations) instead:
+  what the retrieved content itself is worth. Training always uses retrieved neighbours.
 
 Cost: training charges `tokens_trained` (decoder tokens) and FLOPs = the frozen LM's forward, the
 backward through the layers from the first CCA layer up (activation gradients only), and 3x the
@@ -433,6 +434,8 @@ class RetroLM:
     """The frozen HF causal LM with the RETRO modules attached by forward hooks.
 
     `forward(batch, labels)` -> (logits, loss); `hidden(batch, ...)` for scoring and generation.
+    The hooks act only inside `hidden` (they find no state otherwise), so the shared LM object keeps
+    answering exactly as before for every other architecture; `remove()` detaches them.
     """
 
     def __init__(self, model: Any, modules: Any) -> None:
