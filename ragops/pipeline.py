@@ -70,13 +70,37 @@ def architecture_code(config: Config, name: str) -> dict[str, list[str]]:
     return {"train": train, "evaluate": sorted({*train, *EVALUATION_CODE})}
 
 
+def trains_after(config: Config, name: str) -> str | None:
+    """The architecture whose training `name` waits for: a variant's base (an entry with `base:`),
+    whose trained weights it may reuse (e.g. `retro_random` evaluates retro's weights), when enabled."""
+    base = getattr(config.architecture_options(name), "base", None)
+    return base if base and base != name and base in config.enabled_architectures() else None
+
+
+def training_order(config: Config, names: list[str]) -> list[str]:
+    """`names` with every variant after the base it trains after (otherwise in the given order)."""
+    ordered: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in ordered:
+            return
+        after = trains_after(config, name)
+        if after in names:
+            visit(after)
+        ordered.append(name)
+
+    for name in names:
+        visit(name)
+    return ordered
+
+
 def _deps(paths: list[str] | tuple[str, ...]) -> list[str]:
     return [f"ragops/{p}" for p in paths]
 
 
 def dvc_stages(config: Config) -> dict[str, Any]:
     """The `stages:` of dvc.yaml for the enabled architectures of `config` (the default profile)."""
-    enabled = config.enabled_architectures()
+    enabled = training_order(config, config.enabled_architectures())
     code = {name: architecture_code(config, name) for name in enabled}
     def slots(kind: str) -> int:
         return max((len(c[kind]) for c in code.values()), default=1)
@@ -89,7 +113,10 @@ def dvc_stages(config: Config) -> dict[str, Any]:
             paths = _deps(c[kind])
             paths += [paths[-1]] * (slots(kind) - len(paths))
             base = getattr(config.architecture_options(name), "base", None) or name
-            out[name] = {"base": base, **{f"c{i}": p for i, p in enumerate(paths)}}
+            after = trains_after(config, name)
+            # `after`: the base's trained model for a variant that reuses it, else a harmless repeat.
+            out[name] = {"base": base, "after": f"artifacts/models/{after}" if after else "artifacts/index",
+                         **{f"c{i}": p for i, p in enumerate(paths)}}
         return out
 
     def slot_deps(kind: str) -> list[str]:
@@ -132,7 +159,7 @@ def dvc_stages(config: Config) -> dict[str, Any]:
             "foreach": items("train"),
             "do": {
                 "cmd": "ragops train ${key}",
-                "deps": ["artifacts/index", "artifacts/benchmark", "artifacts/models/lm", *slot_deps("train")],
+                "deps": ["artifacts/index", "artifacts/benchmark", "artifacts/models/lm", "${item.after}", *slot_deps("train")],
                 "params": [*arch_params, "train"],
                 "outs": ["artifacts/models/${key}"],
             },

@@ -31,7 +31,7 @@ from ragops.cost import CostMeter
 from ragops.errors import RagopsError, ValidationFailed
 from ragops.io import atomic_dir, json_hash, path_hash, read_json, write_json
 from ragops.paths import Workspace
-from ragops.pipeline import DATA_STAGES, STAGE_CODE, architecture_code, code_fingerprint
+from ragops.pipeline import DATA_STAGES, STAGE_CODE, architecture_code, code_fingerprint, training_order
 from ragops.tracking import TrackedRun, tracked_run
 
 log = logging.getLogger("ragops.stages")
@@ -869,7 +869,7 @@ def run_pipeline(
             stage = DATA_STAGES[name]
             kwargs = {"progress": progress} if name in ("embed", "eval_retrieval") else {}
             outcomes[name] = stage(ws, config, parent_run_id=pid, **kwargs)
-        for name in architectures if architectures is not None else config.enabled_architectures():
+        for name in training_order(config, architectures if architectures is not None else config.enabled_architectures()):
             outcomes[f"train@{name}"] = train_architecture(ws, config, name, parent_run_id=pid, progress=progress)
             outcomes[f"evaluate@{name}"] = evaluate_architecture(ws, config, name, parent_run_id=pid, progress=progress)
         if with_compare:

@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ragops.ops import orchestration as orch
 from ragops.ops import sharding
-from ragops.pipeline import REFRESH_STAGES  # the order is defined once, in ragops.pipeline
+from ragops.pipeline import REFRESH_STAGES, trains_after, training_order  # defined once, in ragops.pipeline
 
 
 def _stage_task(stage: str):
@@ -64,12 +64,16 @@ def architectures_flow(workspace: str, params: str | None, profile: str | None, 
     the task runner: on Dask, independent architectures train and evaluate in parallel processes.
     One failing architecture does not stop the others; failures are returned, not raised."""
     tracking_uri = orch.current_tracking_uri()
-    trained = {
-        name: STAGE_TASKS["train_architecture"]
-        .with_options(task_run_name=f"train-{name}")
-        .submit("train_architecture", workspace, params, profile, parent_run_id, {"name": name, "progress": False}, tracking_uri)
-        for name in names
-    }
+    _, config = orch.load(workspace, params, profile)
+    trained: dict[str, Any] = {}
+    for name in training_order(config, names):  # a variant trains after the base whose weights it may reuse
+        after = trains_after(config, name)
+        trained[name] = (
+            STAGE_TASKS["train_architecture"]
+            .with_options(task_run_name=f"train-{name}")
+            .submit("train_architecture", workspace, params, profile, parent_run_id, {"name": name, "progress": False}, tracking_uri,
+                    wait_for=[trained[after]] if after in trained else [])
+        )
     evaluated = {
         name: STAGE_TASKS["evaluate_architecture"]
         .with_options(task_run_name=f"evaluate-{name}")
