@@ -45,12 +45,14 @@ class State:
     params: Path | None
     profile: str | None
 
-    def load(self):
+    def load(self, *, params_optional: bool = False):
+        """(Workspace, Config). `params_optional`: a workspace without params.yaml runs on the code's
+        defaults (for commands that compute nothing from them); an explicit --params must exist."""
         from ragops.params import load_config
         from ragops.paths import Workspace
 
         ws = Workspace(self.workspace)
-        return ws, load_config(self.params or ws.params, self.profile)
+        return ws, load_config(self.params or ws.params, self.profile, missing_ok=params_optional and self.params is None)
 
 
 @app.callback()

@@ -107,7 +107,8 @@ def _run_stage(
 # What each data stage reads, writes and depends on: one definition, used to run the stage and to
 # ask whether it is up to date (e.g. before fanning embedding out over a cluster).
 def _spec_validate(ws: Workspace, config: Config) -> dict[str, Any]:
-    return {"out_dir": ws.validation_dir, "inputs": {"corpus": ws.corpus}, "params": {"validate": config.section("validate")}}
+    limits = {key: config.ingest.model_dump()[key] for key in ("min_chars", "max_chars")}  # the gate checks ingest's limits
+    return {"out_dir": ws.validation_dir, "inputs": {"corpus": ws.corpus}, "params": {"validate": config.section("validate"), "ingest": limits}}
 
 
 def _spec_split(ws: Workspace, config: Config) -> dict[str, Any]:
@@ -266,7 +267,7 @@ def validate(ws: Workspace, config: Config, *, parent_run_id: str | None = None,
 
     def body(ctx: _Context) -> None:
         corpus = pd.read_parquet(ws.corpus)
-        report = validate_corpus(corpus, config.validate_)
+        report = validate_corpus(corpus, config.validate_, config.ingest)
         with atomic_dir(ws.validation_dir) as tmp:
             write_json(tmp / "corpus.json", report.result)
             write_json(tmp / "status.json", {"success": report.success, "summary": report.summary, "corpus_hash": path_hash(ws.corpus)})
