@@ -317,4 +317,4 @@ def test_huge_text_file_is_skipped_without_being_read_whole(tmp_path):
         {"path": "huge.txt", "line": None, "reason": f"text is {chars:,} characters long (limit 20,000)"}
     ]
     assert len(corpus) == len(corpus2) == 6  # the other documents are kept
-    assert by_size_peak < size / 10 and streamed_peak < size / 10
+    assert by_size_peak < size / 4 and streamed_peak < size / 4  # reading it whole takes more than the size
