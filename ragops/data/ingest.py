@@ -7,7 +7,11 @@ the folder, unsupported types) and unusable *lines* of a JSONL file are skipped 
 with their path and line; only a source that yields no document at all raises `DataError`.
 
 Files are read in a streaming way: a line is read in bounded pieces, so a 50 MB single-line file
-is rejected after reading about 4 bytes per allowed character rather than decoded whole.
+is rejected after reading about 4 bytes per allowed character rather than decoded whole; a
+single-document file bigger than `ingest.max_file_bytes` is skipped before it is opened, and a
+plain-text file keeps no more than `ingest.max_chars` characters while it is counted. HTML pages
+keep their main content (trafilatura), without navigation, sidebars, footers or "¶" marks. Files
+whose names are not valid UTF-8 are skipped (reported with the bytes escaped).
 Hidden files and folders (names starting with ".") are ignored, as are symlinked folders that
 stay inside the source folder (their files are reached through the real path anyway).
 """
