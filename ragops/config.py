@@ -60,8 +60,8 @@ class ValidateConfig(Section):
     """The Great Expectations gate. Document length limits are ingest's (`ingest.min_chars`/`max_chars`)."""
 
     min_rows: int = Field(default=100, ge=1)
-    # Tags such as <div> or <body> left in a document's text. Text extracted from .html files is never
-    # checked (its markup was parsed; a tag left there is content, e.g. a code example).
+    # Tags such as <div> or <body> left in a document's text. Text from .html and .md files is never
+    # checked (ingest consumed their markup; a tag left there is content, e.g. a code example).
     leftover_html: bool = True
     chunk_min_chars: int = Field(default=1, ge=1)
     chunk_max_chars: int = Field(default=20_000, ge=1)

@@ -219,7 +219,7 @@ def test_gate_failure_names_the_files_the_limit_and_the_key(workspace, tmp_path,
     assert code == 1
     line = one_error_line(err)
     assert ("expect_column_values_to_not_match_regex(text) on 5 rows: file:d0.txt, file:d1.txt, ... "
-            "[wanted: no HTML tags (<div>, <p>, <body>, ...) in the text of non-HTML files]") in line
+            "[wanted: no HTML tags (<div>, <p>, <body>, ...) in the text of files other than .html/.md]") in line
     assert "set validate.leftover_html: false" in line
     status = json.loads((workspace / "artifacts" / "validation" / "status.json").read_text())
     assert status["success"] is False  # downstream stages refuse this corpus
@@ -248,6 +248,22 @@ def test_html_documentation_keeps_main_content_only(workspace, tmp_path, ragops)
     assert text.endswith("render it to produce the final page.")
     for furniture in FURNITURE:
         assert furniture not in text, furniture
+
+
+def test_markdown_raw_html_goes_but_code_examples_stay(tmp_path):
+    page = (
+        "# Widgets <small>v2</small>\n\n"
+        "<div align=\"center\">A centred banner line of the readme.</div>\n\n"
+        "Call `<br>` in prose; <!-- a hidden note --> a line break.<br>\n\n"
+        "```html\n<div class=\"greeting\">Hello!</div>\n```\n"
+        "See <https://example.org/docs> for more.\n"
+    )
+    write_folder(tmp_path / "md", {"readme.md": page})
+    corpus, _ = load_corpus(str(tmp_path / "md"), IngestConfig())
+    assert corpus.loc[0, "text"] == (
+        "Widgets v2\nA centred banner line of the readme.\nCall <br> in prose; a line break.\n"
+        '<div class="greeting">Hello!</div>\nSee https://example.org/docs for more.'
+    )
 
 
 def test_non_utf8_file_name_is_skipped_with_one_line(workspace, tmp_path, ragops):

@@ -86,21 +86,22 @@ def test_leftover_html_check_is_configurable_and_skips_html_files():
     text = "A dictionary entry whose file kept its <body> markup around the definition."
     frame = pd.DataFrame(
         {
-            "doc_id": ["file:dict/a.txt", "file:docs/page.html", "file:dict/b.txt"],
-            "title": ["a", "page", "b"],
-            "text": [text, "Write <div class='note'> to open a note (a code example).", "Plain text without any markup at all."],
-            "source": ["dict/a.txt", "docs/page.html", "dict/b.txt"],
-            "description": [None, None, None],
-            "topic": [None, None, None],
+            "doc_id": ["file:dict/a.txt", "file:docs/page.html", "file:dict/b.txt", "file:docs/guide.MD"],
+            "title": ["a", "page", "b", "guide"],
+            "text": [text, "Write <div class='note'> to open a note (a code example).", "Plain text without any markup at all.",
+                     "A Markdown code block: <p>Hello</p> stays as the example."],
+            "source": ["dict/a.txt", "docs/page.html", "dict/b.txt", "docs/guide.MD"],
+            "description": [None] * 4,
+            "topic": [None] * 4,
         }
     )
     report = validate_corpus(frame, ValidateConfig(min_rows=1))
-    # The .txt file is named with its path; the HTML page's code example is content, not leftover markup.
+    # The .txt file is named with its path; the HTML and Markdown code examples are content, not leftover markup.
     assert report.failures == [("expect_column_values_to_not_match_regex(text)", 1)]
     assert report.offenders == {"expect_column_values_to_not_match_regex(text)": ["file:dict/a.txt"]}
     assert "on 1 row: file:dict/a.txt [wanted: no HTML tags" in report.summary and "validate.leftover_html: false" in report.summary
     relaxed = validate_corpus(frame, ValidateConfig(min_rows=1, leftover_html=False))
-    assert relaxed.success and relaxed.summary == "corpus validation passed: 7 expectations on 3 rows"
+    assert relaxed.success and relaxed.summary == "corpus validation passed: 7 expectations on 4 rows"
 
 
 def test_chunk_gate():

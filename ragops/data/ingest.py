@@ -176,7 +176,19 @@ _MD_EM_UNDER = re.compile(r"(?<![\w_])_(?=\S)(.+?)(?<=\S)_(?![\w_])")
 _MD_STRIKE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
 
 
+# Raw HTML in Markdown prose (<br>, <div align="center">, <!-- comments -->); not autolinks (<https://...>).
+_MD_RAW_HTML = re.compile(r"<!--.*?-->|</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>")
+_MD_CODE_SPAN = re.compile(r"(`+[^`]+?`+)")
+
+
+def _strip_raw_html(line: str) -> str:
+    """Raw HTML tags go, except inside code spans (a `<div>` there is what the text is about)."""
+    parts = _MD_CODE_SPAN.split(line)  # odd positions are the code spans
+    return "".join(part if i % 2 else _MD_RAW_HTML.sub("", part) for i, part in enumerate(parts))
+
+
 def _md_inline(line: str) -> str:
+    line = _strip_raw_html(line)
     line = _MD_IMAGE.sub(r"\1", line)
     line = _MD_LINK.sub(r"\1", line)
     line = _MD_REFLINK.sub(r"\1", line)
@@ -189,8 +201,9 @@ def _md_inline(line: str) -> str:
 
 
 def strip_markdown(text: str) -> str:
-    """Headings' #, emphasis, links -> link text, images -> alt text, quote and bullet markers;
-    the content of code fences is kept verbatim (only the fence lines go)."""
+    """Headings' #, emphasis, links -> link text, images -> alt text, quote and bullet markers and
+    raw HTML tags go; the content of code fences and code spans is kept verbatim (only the fence
+    lines and backticks go), so an HTML example stays text."""
     out: list[str] = []
     in_fence = False
     for line in text.split("\n"):

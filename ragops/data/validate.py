@@ -24,9 +24,9 @@ from ragops.errors import ValidationFailed
 
 LEFTOVER_HTML = r"<\s*(?:script|style|div|span|p|br|a|html|body)\b"
 NON_BLANK = r"\S"
-# Rows whose text was extracted from an HTML file: the parser consumed its markup, so a tag still in
-# the text was escaped content on the page (e.g. a code example), not leftover markup.
-NOT_FROM_HTML = 'source.str.contains("[.]html?$", case=False, regex=True) == False'
+# Rows whose text was extracted from an HTML or Markdown file: ingest consumed their markup, so a tag
+# still in the text was content (an escaped example on the page, a Markdown code block), not leftover markup.
+NOT_FROM_MARKUP = 'source.str.contains("[.](?:html?|md)$", case=False, regex=True) == False'
 
 
 @dataclass
@@ -78,8 +78,8 @@ def _corpus_checks(gxe, cfg: ValidateConfig, limits: IngestConfig) -> list[Check
     ]
     if cfg.leftover_html:
         checks.append(Check(
-            gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=LEFTOVER_HTML, row_condition=NOT_FROM_HTML, condition_parser="pandas"),
-            "no HTML tags (<div>, <p>, <body>, ...) in the text of non-HTML files",
+            gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=LEFTOVER_HTML, row_condition=NOT_FROM_MARKUP, condition_parser="pandas"),
+            "no HTML tags (<div>, <p>, <body>, ...) in the text of files other than .html/.md",
             "strip the markup from those files (or name them .html), or set validate.leftover_html: false if the markup is content",
         ))
     checks.append(Check(
@@ -202,7 +202,7 @@ def _run(name: str, df: pd.DataFrame, checks: list, examples: int = 3) -> Valida
 
 def validate_corpus(df: pd.DataFrame, cfg: ValidateConfig, limits: IngestConfig | None = None) -> ValidationReport:
     """doc_id not null and unique; title and text not null; text non-blank, within ingest's
-    min_chars..max_chars (`limits`), free of leftover HTML tags outside HTML files (unless
+    min_chars..max_chars (`limits`), free of leftover HTML tags outside HTML/Markdown files (unless
     validate.leftover_html is false); at least cfg.min_rows rows."""
     _, gxe = _gx()
     return _run("corpus", df, _corpus_checks(gxe, cfg, limits or IngestConfig()), cfg.examples)
