@@ -58,13 +58,13 @@ def resolve(raw: dict[str, Any], profile: str | None = None, source: str = "para
     if active not in profiles and active != "default":
         known = ", ".join(["default", *sorted(p for p in profiles if p != "default")])
         raise ConfigError(f"{source}: unknown profile '{active}' (known: {known})")
-    overrides = profiles.get(active) or {}
-    if not isinstance(overrides, dict):
-        raise ConfigError(
-            f"{source}: 'profiles.{active}' must be a mapping of overrides (e.g. `{active}: {{ingest: {{limit: 300}}}}`),"
-            f" got {type(overrides).__name__} {overrides!r}"
-        )
-    merged = _deep_merge(raw, overrides)
+    for name, overrides in profiles.items():  # every profile, not only the active one: a typo shows at once
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ConfigError(
+                f"{source}: 'profiles.{name}' must be a mapping of overrides (e.g. `{name}: {{ingest: {{limit: 300}}}}`),"
+                f" got {type(overrides).__name__} {overrides!r}"
+            )
+    merged = _deep_merge(raw, profiles.get(active) or {})
     merged["profile"] = active
     where = source if active == "default" else f"{source} (profile '{active}')"
     try:

@@ -133,6 +133,7 @@ def test_missing_params_file_is_an_error_not_the_code_defaults(workspace, ragops
     [
         ({"embed": {"batch_size": True}}, "invalid value for 'embed.batch_size': expected a number, got the boolean true"),
         ({"profiles": {"smoke": 5}}, "'profiles.smoke' must be a mapping of overrides"),
+        ({"profiles": {"full": [1]}}, "'profiles.full' must be a mapping of overrides"),  # not the active one
         ({"tracking": {"experiment": ""}}, "invalid value for 'tracking.experiment': the MLflow experiment needs a name"),
         ({"ingest": {"source": " "}}, "invalid value for 'ingest.source'"),
         ({"validate": {"min_chars": 20}}, "'validate.min_chars' moved to 'ingest.min_chars'"),
@@ -142,7 +143,7 @@ def test_missing_params_file_is_an_error_not_the_code_defaults(workspace, ragops
         ({"profiles": {"smoke": {"architectures": {"replug_lsr": {"train": {"steps": True}}}}}},
          "(profile 'smoke'): invalid value for 'architectures.replug_lsr.train.steps': expected a number"),
     ],
-    ids=["bool-for-int", "profile-not-a-mapping", "empty-experiment", "blank-source", "moved-key",
+    ids=["bool-for-int", "profile-not-a-mapping", "inactive-profile-not-a-mapping", "empty-experiment", "blank-source", "moved-key",
          "profile-option-path", "profile-nested-bool"],
 )
 def test_bad_params_are_one_line_naming_the_key(workspace, ragops, overrides, expected):
