@@ -108,7 +108,7 @@ def _run_stage(
 # What each data stage reads, writes and depends on: one definition, used to run the stage and to
 # ask whether it is up to date (e.g. before fanning embedding out over a cluster).
 def _spec_validate(ws: Workspace, config: Config) -> dict[str, Any]:
-    limits = {key: config.ingest.model_dump()[key] for key in ("min_chars", "max_chars")}  # the gate checks ingest's limits
+    limits = {"min_chars": config.ingest.min_chars, "max_chars": config.ingest.max_chars}  # the gate checks ingest's limits
     return {"out_dir": ws.validation_dir, "inputs": {"corpus": ws.corpus}, "params": {"validate": config.section("validate"), "ingest": limits}}
 
 
