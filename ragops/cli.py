@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from ragops.errors import RagopsError
+from ragops.errors import RagopsError, UsageError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -45,12 +45,14 @@ class State:
     params: Path | None
     profile: str | None
 
-    def load(self):
+    def load(self, *, params_optional: bool = False):
+        """(Workspace, Config). `params_optional`: a workspace without params.yaml runs on the code's
+        defaults (for commands that compute nothing from them); an explicit --params must exist."""
         from ragops.params import load_config
         from ragops.paths import Workspace
 
         ws = Workspace(self.workspace)
-        return ws, load_config(self.params or ws.params, self.profile)
+        return ws, load_config(self.params or ws.params, self.profile, missing_ok=params_optional and self.params is None)
 
 
 @app.callback()
@@ -100,6 +102,23 @@ def _holding_workspace(ws, config, what: str) -> Iterator[None]:
         yield
 
 
+def _known_architectures(config, names: list[str] | None, command: str) -> list[str]:
+    """`names` (default: the enabled ones), each configured in params.yaml; else one line, exit 2."""
+    from ragops.architectures import registry
+
+    for name in names or []:
+        if name not in config.architectures:
+            configured = ", ".join(config.architectures) or "none"
+            where = "registered but not configured in params.yaml `architectures:`" if name in registry.names() else "unknown architecture"
+            raise UsageError(f"ragops {command} {name}: {where} (configured: {configured}; see `ragops architectures`)")
+    return list(names or config.enabled_architectures())
+
+
+def _check_source(source: str | None) -> None:
+    if source is not None and not source.strip():
+        raise UsageError("--source is empty: give a folder of documents or 'default' (leave it out for params.yaml's ingest.source)")
+
+
 def _stage_command(name: str, help_text: str):
     def command(
         ctx: typer.Context,
@@ -127,6 +146,7 @@ def ingest(
     """Read the corpus into data/corpus.parquet (normalised, de-duplicated) and version it with DVC (data.dvc)."""
     from ragops import stages
 
+    _check_source(source)
     ws, config = ctx.obj.load()
     with _holding_workspace(ws, config, "ragops ingest"):
         _report(stages.ingest(ws, config, source=source, force=force))
@@ -155,8 +175,9 @@ def train(
     from ragops import stages
 
     ws, config = ctx.obj.load()
+    names = _known_architectures(config, architectures, "train")
     with _holding_workspace(ws, config, "ragops train"):
-        for name in architectures or config.enabled_architectures():
+        for name in names:
             _report(stages.train_architecture(ws, config, name, force=force, restart=restart), f"train {name}")
 
 
@@ -170,11 +191,12 @@ def evaluate(
     from ragops import stages
 
     ws, config = ctx.obj.load()
+    names = _known_architectures(config, architectures, "evaluate")
     with _holding_workspace(ws, config, "ragops evaluate"):
-        for name in architectures or config.enabled_architectures():
+        for name in names:
             _report(stages.train_architecture(ws, config, name), f"train {name}")
             _report(stages.evaluate_architecture(ws, config, name, force=force), f"evaluate {name}")
-    print_architecture_table(ws, architectures or config.enabled_architectures())
+    print_architecture_table(ws, names)
 
 
 @app.command()
@@ -199,6 +221,7 @@ def run(
     prefect: Annotated[bool, typer.Option("--prefect", help="Run as the Prefect `pipeline` flow instead of in-process.")] = False,
 ) -> None:
     """Run the whole pipeline: data plane, every enabled architecture, comparison. Unchanged stages are skipped."""
+    _check_source(source)
     ws, config = ctx.obj.load()
     from ragops.ops.lock import workspace_lock
     from ragops.pipeline import stale_dvc_yaml
@@ -403,8 +426,11 @@ def main() -> None:
     try:
         app()
     except RagopsError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        from rich.markup import escape
+
+        # Escaped: messages quote user text and limits in brackets ("[wanted: ...]"), not markup.
+        err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)
 
 
 # Operational commands (server, ui, compare) live in their own module.

@@ -72,7 +72,7 @@ def server(
     from ragops.errors import RagopsError
     from ragops.ops.servers import prefect_server_security, running_server, start_mlflow_server, start_prefect_server, stop_all
 
-    ws, config = ctx.obj.load()
+    ws, config = ctx.obj.load(params_optional=True)
     auth_string = os.environ.get("PREFECT_SERVER_API_AUTH_STRING") or None
     prefect_server_security(host, port, auth_string)  # refuse an unauthenticated public bind before anything starts
     if running := running_server(ws, "prefect"):
@@ -121,7 +121,7 @@ def ui(
     on 127.0.0.1 only. Prints the compare page of the latest pipeline run's architectures."""
     from ragops.ops.servers import start_mlflow_server
 
-    ws, config = ctx.obj.load()
+    ws, config = ctx.obj.load(params_optional=True)
     with _interruptible():
         console.print(f"starting the MLflow UI on 127.0.0.1:{port} …")
         mlflow_ui = start_mlflow_server(ws, port=port)

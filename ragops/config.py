@@ -7,33 +7,77 @@ bottom layer every other module may import, so it imports nothing else from rago
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ragops.errors import ConfigError
 
 DEFAULT_MODEL = "default"  # sentinel: the offline model shipped by a PyPI package
 
 
+def _numeric_not_bool(annotation: Any) -> bool:
+    """Whether a field takes an int or a float but not a bool (pydantic's lax mode reads `true` as 1)."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return bool({int, float} & set(options)) and bool not in options
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # `batch_size: true` would otherwise silently be 1: a boolean is never a count or a rate.
+        if isinstance(value, bool) and info.field_name and _numeric_not_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+        return value
+
 
 class IngestConfig(Section):
+    """What a usable document is: ingest skips (and reports) any other, and the validation gate checks
+    the corpus against these same limits, so one short file never stops a whole run."""
+
     source: str = "default"  # "default" = embedded Wikipedia summaries; otherwise a folder path
     limit: int | None = Field(default=None, ge=1)  # keep only the first N documents (after sorting by doc_id)
+    min_chars: int = Field(default=20, ge=1)  # documents with less text (after normalisation) are skipped and reported
     max_chars: int = Field(default=200_000, ge=100)  # longer documents are skipped and reported
     max_line_chars: int = Field(default=1_000_000, ge=1_000)  # a longer single line marks a file as unreadable
-    min_chars: int = Field(default=1, ge=1)  # documents with less text are skipped and reported
+    # A bigger file is skipped before it is read (its size on disk), so memory stays bounded.
+    max_file_bytes: int = Field(default=20_000_000, ge=1_000)
+
+    @field_validator("source")
+    @classmethod
+    def _source_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be 'default' or a folder path, not blank")
+        return value
 
 
 class ValidateConfig(Section):
+    """The Great Expectations gate. Document length limits are ingest's (`ingest.min_chars`/`max_chars`)."""
+
     min_rows: int = Field(default=100, ge=1)
-    min_chars: int = Field(default=20, ge=1)
-    max_chars: int = Field(default=200_000, ge=1)
+    # Tags such as <div> or <body> left in a document's text. Text from .html and .md files is never
+    # checked (ingest consumed their markup; a tag left there is content, e.g. a code example).
+    leftover_html: bool = True
     chunk_min_chars: int = Field(default=1, ge=1)
     chunk_max_chars: int = Field(default=20_000, ge=1)
+    examples: int = Field(default=3, ge=1, le=20)  # offending documents named per failed expectation
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("min_chars", "max_chars"):
+                if key in data:
+                    raise ValueError(
+                        f"'validate.{key}' moved to 'ingest.{key}': ingest skips documents outside those limits "
+                        "and the gate checks the same ones"
+                    )
+        return data
 
 
 class ChunkConfig(Section):
@@ -155,9 +199,16 @@ class SweepConfig(Section):
 
 
 class TrackingConfig(Section):
-    experiment: str = "ragops"
+    experiment: str = "ragops"  # the MLflow experiment name
     cost_per_cpu_hour_usd: float = Field(default=0.05, ge=0)  # to turn CPU hours into money
     cost_per_gpu_hour_usd: float = Field(default=2.5, ge=0)
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the MLflow experiment needs a name (e.g. ragops)")
+        return value
 
 
 class DeploymentConfig(Section):

@@ -166,7 +166,7 @@ def path_hash(path: str | Path, exclude: tuple[str, ...] = ()) -> str:
         return file_hash(path)
     digest = hashlib.sha256()
     for child in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name not in exclude):
-        digest.update(str(child.relative_to(path)).encode())
+        digest.update(os.fsencode(child.relative_to(path)))  # the name's bytes: a non-UTF-8 name hashes too
         digest.update(file_hash(child).encode())
     return digest.hexdigest()
 

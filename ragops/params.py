@@ -34,9 +34,11 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def _format_error(source: str, error: ValidationError) -> str:
+def _format_error(source: str, error: ValidationError, prefix: str = "") -> str:
+    """One line naming the full key path (`prefix` is the path of the model that failed, e.g. `architectures.replug.`)."""
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    key = prefix + ".".join(str(part) for part in first["loc"])
+    key = key.rstrip(".") or "<root>"
     key = key.replace("validate_", "validate")
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'"
@@ -56,6 +58,12 @@ def resolve(raw: dict[str, Any], profile: str | None = None, source: str = "para
     if active not in profiles and active != "default":
         known = ", ".join(["default", *sorted(p for p in profiles if p != "default")])
         raise ConfigError(f"{source}: unknown profile '{active}' (known: {known})")
+    for name, overrides in profiles.items():  # every profile, not only the active one: a typo shows at once
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ConfigError(
+                f"{source}: 'profiles.{name}' must be a mapping of overrides (e.g. `{name}: {{ingest: {{limit: 300}}}}`),"
+                f" got {type(overrides).__name__} {overrides!r}"
+            )
     merged = _deep_merge(raw, profiles.get(active) or {})
     merged["profile"] = active
     where = source if active == "default" else f"{source} (profile '{active}')"
@@ -84,17 +92,29 @@ def _validate_architectures(raw: dict[str, Any], where: str) -> dict[str, Archit
         try:
             validated[name] = registry.options_model(target).model_validate(options)
         except ValidationError as error:
-            message = _format_error(where, error)
-            raise ConfigError(message.replace("'", f"'architectures.{name}.", 1)) from None
+            raise ConfigError(_format_error(where, error, prefix=f"architectures.{name}.")) from None
     return validated
 
 
-def load_config(path: str | Path = "params.yaml", profile: str | None = None) -> Config:
+def load_config(path: str | Path = "params.yaml", profile: str | None = None, *, missing_ok: bool = False) -> Config:
+    """The configuration in `path`. A missing file is an error, never a silent run on the code's
+    defaults (they are sized differently from the project's params.yaml); only commands that compute
+    nothing from it (`ragops server`, `ragops ui`) pass `missing_ok` for a workspace's implicit file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; --params takes a params.yaml file")
     if not path.exists():
-        return resolve({}, profile, source=str(path))
+        if missing_ok:
+            return resolve({}, profile, source=str(path))
+        raise ConfigError(
+            f"{path}: params file not found (copy the project's params.yaml into the workspace, or give --params FILE)"
+        )
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the params file ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a UTF-8 text file (invalid byte at offset {error.start})") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -127,7 +127,7 @@ def dvc_stages(config: Config) -> dict[str, Any]:
     return {
         "validate": {
             "cmd": "ragops validate", "deps": ["data/corpus.parquet", *_deps(STAGE_CODE["validate"])],
-            "params": [*common, "validate"], "outs": ["artifacts/validation"],
+            "params": [*common, "validate", "ingest.min_chars", "ingest.max_chars"], "outs": ["artifacts/validation"],
         },
         "split": {
             "cmd": "ragops split", "deps": ["data/corpus.parquet", "artifacts/validation", *_deps(STAGE_CODE["split"])],

@@ -46,8 +46,23 @@ def default_lm_gguf() -> Path:
     return files[0]
 
 
+def check_model_spec(key: str, spec: str) -> None:
+    """One line for a model spec that names a folder that is not there (`./models/x`, `/abs/x`,
+    `~/x`, `a/b/c`): otherwise Hugging Face reads it as a hub id and fails with "Repo id must be in
+    the form 'repo_name' or 'namespace/repo_name'"."""
+    if spec == DEFAULT_MODEL or Path(spec).expanduser().exists():
+        return
+    looks_like_path = spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1
+    if looks_like_path:
+        raise RagopsError(
+            f"{key} '{spec}': no such folder ({Path(spec).expanduser().resolve()}); give a model folder, "
+            "a Hugging Face model name (org/name, offline: from the local cache) or 'default'"
+        )
+
+
 def resolve_encoder(spec: str) -> str:
     """'default' -> the packaged MiniLM folder; a local path or a hub name is returned as is."""
+    check_model_spec("embed.model", spec)
     return str(default_encoder_dir()) if spec == DEFAULT_MODEL else spec
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -109,7 +110,8 @@ def _run_stage(
 # What each data stage reads, writes and depends on: one definition, used to run the stage and to
 # ask whether it is up to date (e.g. before fanning embedding out over a cluster).
 def _spec_validate(ws: Workspace, config: Config) -> dict[str, Any]:
-    return {"out_dir": ws.validation_dir, "inputs": {"corpus": ws.corpus}, "params": {"validate": config.section("validate")}}
+    limits = {"min_chars": config.ingest.min_chars, "max_chars": config.ingest.max_chars}  # the gate checks ingest's limits
+    return {"out_dir": ws.validation_dir, "inputs": {"corpus": ws.corpus}, "params": {"validate": config.section("validate"), "ingest": limits}}
 
 
 def _spec_split(ws: Workspace, config: Config) -> dict[str, Any]:
@@ -219,7 +221,15 @@ def ingest(ws: Workspace, config: Config, *, source: str | None = None, parent_r
     from ragops.data.ingest import load_corpus, write_corpus
     from ragops.resources import default_corpus_file
 
-    source = source or config.ingest.source
+    if source is None:
+        source = config.ingest.source
+    if not source.strip():  # never fall back to the default corpus over the user's
+        raise RagopsError("ingest source is empty: give a folder of documents or 'default'")
+    try:
+        source.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(source).decode("utf-8", "backslashreplace")
+        raise RagopsError(f"{shown}: ingest source path is not valid UTF-8 (rename the folder)") from None
     if source == "default":
         source_path = default_corpus_file()
     else:
@@ -236,7 +246,10 @@ def ingest(ws: Workspace, config: Config, *, source: str | None = None, parent_r
         # The report is part of the DVC-hashed corpus version: record the source as the user named
         # it, not the absolute path of this checkout.
         report["source"] = source
+        previous_corpus = path_hash(ws.corpus) if ws.corpus.exists() else None
         write_corpus(corpus, report, ws.data_dir)
+        if previous_corpus is not None and previous_corpus != path_hash(ws.corpus):
+            _remove_stale_metrics(ws)
         ctx.run.log_artifact(ws.ingest_report, "ingest")
         ctx.stats.update(
             documents=len(corpus),
@@ -259,6 +272,17 @@ def ingest(ws: Workspace, config: Config, *, source: str | None = None, parent_r
     return outcome
 
 
+def _remove_stale_metrics(ws: Workspace) -> None:
+    """metrics/*.json describe the previous corpus: an architecture or sweep not re-run on the new
+    one would otherwise be reported (and compared) with numbers from other data."""
+    stale = sorted(ws.metrics_dir.glob("*.json")) if ws.metrics_dir.is_dir() else []
+    for path in stale:
+        path.unlink()
+    if stale:
+        log.info("ingest: the corpus changed; removed %d metrics files of the previous one (%s)",
+                 len(stale), ", ".join(p.name for p in stale))
+
+
 def validate(ws: Workspace, config: Config, *, parent_run_id: str | None = None, force: bool = False) -> StageOutcome:
     import pandas as pd
 
@@ -268,7 +292,7 @@ def validate(ws: Workspace, config: Config, *, parent_run_id: str | None = None,
 
     def body(ctx: _Context) -> None:
         corpus = pd.read_parquet(ws.corpus)
-        report = validate_corpus(corpus, config.validate_)
+        report = validate_corpus(corpus, config.validate_, config.ingest)
         with atomic_dir(ws.validation_dir) as tmp:
             write_json(tmp / "corpus.json", report.result)
             write_json(tmp / "status.json", {"success": report.success, "summary": report.summary, "corpus_hash": path_hash(ws.corpus)})
@@ -313,10 +337,29 @@ def split(ws: Workspace, config: Config, *, parent_run_id: str | None = None, fo
         counts = questions.groupby(["task", "split"]).size()
         ctx.stats.update(heldout_docs=len(heldout), questions=len(questions))
         ctx.stats.update({f"{task}_{split_name}": int(n) for (task, split_name), n in counts.items()})
+        for warning in question_gaps(questions, config):
+            log.warning("split: %s", warning)
 
     return _run_stage(
         "split", ws, config, **_spec_split(ws, config), body=body, parent_run_id=parent_run_id, force=force,
     )
+
+
+def question_gaps(questions, config: Config) -> list[str]:
+    """Warnings for QA tasks the evaluation asks for that got no questions in its split (or none at
+    all): their metrics would be computed on nothing."""
+    from ragops.data.benchmark import TASKS
+
+    wanted = [task for task in config.eval.tasks if task in TASKS]
+    if not wanted:
+        return []
+    if questions.empty:
+        return [f"0 questions: no document has a description, so the QA tasks ({', '.join(wanted)}) have nothing to ask "
+                "(give documents a description, e.g. a JSONL \"description\" field); only the lm task has data"]
+    present = set(zip(questions["task"], questions["split"], strict=True))
+    split_name = config.eval.split
+    return [f"0 {task} questions in the {split_name} split (eval.split): its {task} metrics will be empty"
+            for task in wanted if (task, split_name) not in present]
 
 
 def _log_benchmark_inputs(run: TrackedRun, ws: Workspace, questions, heldout, *, context: str) -> None:

@@ -218,7 +218,8 @@ def _latest_parent(name: str) -> str:
 
 def test_busy_workspace_is_skipped_with_a_message(prefect_api, tmp_path):
     from flows.pipeline import pipeline
-    ws = Workspace(tmp_path)  # no params.yaml: the defaults
+    ws = Workspace(tmp_path)
+    (tmp_path / "params.yaml").write_text("profile: default\n")  # the code's defaults, explicitly
     with workspace_lock(ws, 0, what="a manual ragops run"):
         # Another thread holds the lock (a different flow run in this process would be the same).
         result = {}
@@ -243,6 +244,7 @@ def test_global_concurrency_limit_guards_across_machines(prefect_api, tmp_path):
     from ragops.ops.orchestration import GLOBAL_LIMIT, ensure_global_limit
 
     ensure_global_limit(1)
+    (tmp_path / "params.yaml").write_text("profile: default\n")  # the code's defaults, explicitly
     with concurrency(GLOBAL_LIMIT, occupy=1):  # "another machine" holds the slot
         state = refresh(workspace=str(tmp_path), return_state=True)
     out = state.result()
@@ -263,7 +265,8 @@ def test_evaluate_flow_fans_out_and_compares(prefect_api, tmp_path, mlflow_store
     from ragops.tracking import tracked_run
     from tests.compare_fixtures import write_fake_architecture
 
-    threads, intervals = [], []  # no params.yaml in tmp_path: the defaults (closed_book, incontext_ralm)
+    threads, intervals = [], []
+    (tmp_path / "params.yaml").write_text("profile: default\n")  # the code's defaults (closed_book, incontext_ralm)
 
     def fake_prepare_lm(ws, config, *, parent_run_id=None, **_):
         return stages.StageOutcome("prepare_lm", True, {"params": 135})

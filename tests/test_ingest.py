@@ -84,7 +84,7 @@ def test_folder_of_every_type(tmp_path):
 def test_html_title_falls_back_to_h1_then_stem(tmp_path):
     (tmp_path / "a.htm").write_text("<h1>Only &quot;H1&quot;</h1><p>Body text.</p>", encoding="utf-8")
     (tmp_path / "b.html").write_text("<p>No title at all.</p>", encoding="utf-8")
-    df, _ = load_corpus(str(tmp_path), IngestConfig())
+    df, _ = load_corpus(str(tmp_path), IngestConfig(min_chars=1))
     assert df.set_index("doc_id")["title"].to_dict() == {"file:a.htm": 'Only "H1"', "file:b.html": "b"}
 
 
@@ -161,7 +161,7 @@ def test_malformed_jsonl_line(tmp_path):
 
 def test_duplicate_jsonl_ids(tmp_path):
     write_jsonl(tmp_path / "d.jsonl", [{"id": "x", "text": "One text."}, {"id": "x", "text": "Another text."}])
-    df, report = load_corpus(str(tmp_path), IngestConfig())
+    df, report = load_corpus(str(tmp_path), IngestConfig(min_chars=1))
     assert df["doc_id"].tolist() == ["file:d.jsonl#x"]
     assert report["skipped"] == [{"path": "d.jsonl", "line": 2, "reason": "line 2: duplicate id 'x' (first on line 1)"}]
 

@@ -60,6 +60,9 @@ def lm_path(ws: Workspace, config: Config) -> Path | str:
         if not (ws.lm_dir / "config.json").exists():
             raise RagopsError(f"{ws.lm_dir}: no prepared language model (run the prepare_lm stage first)")
         return ws.lm_dir
+    from ragops.resources import check_model_spec
+
+    check_model_spec("lm.model", config.lm.model)
     return config.lm.model
 
 

@@ -33,7 +33,12 @@ def load_tokenizer(model_spec: str):
     """The (fast) tokenizer of an encoder: "default" = the packaged MiniLM, else a HF name or path."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_encoder(model_spec))
+    location = resolve_encoder(model_spec)
+    try:
+        return AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as error:  # a hub name that is not in the offline cache, a folder without a tokenizer
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RagopsError(f"embed.model '{model_spec}': cannot load its tokenizer ({reason})") from None
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:

@@ -7,7 +7,11 @@ the folder, unsupported types) and unusable *lines* of a JSONL file are skipped 
 with their path and line; only a source that yields no document at all raises `DataError`.
 
 Files are read in a streaming way: a line is read in bounded pieces, so a 50 MB single-line file
-is rejected after reading about 4 bytes per allowed character rather than decoded whole.
+is rejected after reading about 4 bytes per allowed character rather than decoded whole; a
+single-document file bigger than `ingest.max_file_bytes` is skipped before it is opened, and a
+plain-text file keeps no more than `ingest.max_chars` characters while it is counted. HTML pages
+keep their main content (trafilatura), without navigation, sidebars, footers or "¶" marks. Files
+whose names are not valid UTF-8 are skipped (reported with the bytes escaped).
 Hidden files and folders (names starting with ".") are ignored, as are symlinked folders that
 stay inside the source folder (their files are reached through the real path anyway).
 """
@@ -15,12 +19,12 @@ stay inside the source folder (their files are reached through the real path any
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +129,31 @@ def _read_text(path: Path, max_line_chars: int) -> str:
     return "\n".join(line for _, line in _iter_lines(path, max_line_chars))
 
 
+def _check_file_size(path: Path, cfg: IngestConfig) -> None:
+    """Skip a single-document file that is too big before reading any of it."""
+    size = path.stat().st_size
+    if size > cfg.max_file_bytes:
+        raise _Skip(f"file is {size:,} bytes (limit ingest.max_file_bytes = {cfg.max_file_bytes:,})")
+
+
+def _read_normalized_text(path: Path, cfg: IngestConfig) -> str:
+    """The normalised text of a plain-text file, read line by line: once it exceeds
+    `cfg.max_chars` nothing more is kept, only counted, so memory stays bounded by the limit.
+    (`normalize_text` works line by line, so normalising each line gives the same text.)"""
+    kept: list[str] = []
+    total = 0
+    for _, line in _iter_lines(path, cfg.max_line_chars):
+        clean = normalize_text(line)
+        if not clean:
+            continue
+        total += len(clean) + (1 if total else 0)
+        if total <= cfg.max_chars:
+            kept.append(clean)
+    if total > cfg.max_chars:
+        raise _Skip(f"text is {total:,} characters long (limit {cfg.max_chars:,})")
+    return "\n".join(kept)
+
+
 # --------------------------------------------------------------------------------------------------
 # light markup stripping
 # --------------------------------------------------------------------------------------------------
@@ -147,7 +176,19 @@ _MD_EM_UNDER = re.compile(r"(?<![\w_])_(?=\S)(.+?)(?<=\S)_(?![\w_])")
 _MD_STRIKE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
 
 
+# Raw HTML in Markdown prose (<br>, <div align="center">, <!-- comments -->); not autolinks (<https://...>).
+_MD_RAW_HTML = re.compile(r"<!--.*?-->|</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>")
+_MD_CODE_SPAN = re.compile(r"(`+[^`]+?`+)")
+
+
+def _strip_raw_html(line: str) -> str:
+    """Raw HTML tags go, except inside code spans (a `<div>` there is what the text is about)."""
+    parts = _MD_CODE_SPAN.split(line)  # odd positions are the code spans
+    return "".join(part if i % 2 else _MD_RAW_HTML.sub("", part) for i, part in enumerate(parts))
+
+
 def _md_inline(line: str) -> str:
+    line = _strip_raw_html(line)
     line = _MD_IMAGE.sub(r"\1", line)
     line = _MD_LINK.sub(r"\1", line)
     line = _MD_REFLINK.sub(r"\1", line)
@@ -160,8 +201,9 @@ def _md_inline(line: str) -> str:
 
 
 def strip_markdown(text: str) -> str:
-    """Headings' #, emphasis, links -> link text, images -> alt text, quote and bullet markers;
-    the content of code fences is kept verbatim (only the fence lines go)."""
+    """Headings' #, emphasis, links -> link text, images -> alt text, quote and bullet markers and
+    raw HTML tags go; the content of code fences and code spans is kept verbatim (only the fence
+    lines and backticks go), so an HTML example stays text."""
     out: list[str] = []
     in_fence = False
     for line in text.split("\n"):
@@ -181,69 +223,108 @@ def strip_markdown(text: str) -> str:
     return "\n".join(out)
 
 
-class _HTMLText(HTMLParser):
-    """Visible text of an HTML page: scripts/styles/templates dropped, block tags become newlines."""
+# Page furniture that is never a document's content: site navigation, and banners, footers and
+# sidebars outside the main content (inside <main>/<article> a header holds the title, an aside a note).
+_FURNITURE_ROLES = {"navigation", "banner", "contentinfo", "complementary", "search"}
+_FURNITURE_OUTSIDE_MAIN = {"header", "footer", "aside"}
+_NOT_TEXT = {"script", "style", "noscript", "template", "svg", "iframe", "object", "head"}
+# Permalink marks after headings (Sphinx's "¶", MkDocs' "#"/"§", GitHub's link icon).
+_ANCHOR_MARKS = {"¶", "§", "#", "🔗"}
+_BLOCK = {
+    "address", "article", "aside", "blockquote", "br", "dd", "details", "div", "dl", "dt",
+    "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6",
+    "header", "hr", "li", "main", "nav", "ol", "p", "pre", "section", "summary", "table",
+    "td", "th", "tr", "ul", "title", "body", "html",
+}
 
-    SKIP = {"script", "style", "noscript", "template", "svg", "iframe", "object"}
-    BLOCK = {
-        "address", "article", "aside", "blockquote", "br", "dd", "details", "div", "dl", "dt",
-        "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6",
-        "header", "hr", "li", "main", "nav", "ol", "p", "pre", "section", "summary", "table",
-        "td", "th", "tr", "ul", "title", "body", "html",
-    }
 
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.skip_depth = 0
-        self.title_parts: list[str] | None = None
-        self.h1_parts: list[str] | None = None
-        self.title = ""
-        self.h1 = ""
+def _parse_html(html: str):
+    """An lxml tree of the page (fragments included), or None for a page without any element."""
+    import lxml.html
+    from lxml.etree import ParserError
+    from trafilatura import load_html
 
-    def handle_starttag(self, tag: str, attrs) -> None:
-        if tag == "title" and not self.title:
-            self.title_parts = []
-        elif tag in self.SKIP:
-            self.skip_depth += 1
-        elif tag == "h1" and not self.h1:
-            self.h1_parts = []
-        if tag in self.BLOCK:
-            self.parts.append("\n")
+    tree = load_html(html)
+    if tree is None:  # trafilatura refuses fragments such as "<p>text</p>"
+        try:
+            tree = lxml.html.document_fromstring(html.encode("utf-8"), parser=lxml.html.HTMLParser(encoding="utf-8"))
+        except (ParserError, ValueError):
+            return None
+    return tree
 
-    def handle_startendtag(self, tag: str, attrs) -> None:
-        if tag in self.BLOCK:
-            self.parts.append("\n")
 
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "title" and self.title_parts is not None:
-            self.title = " ".join("".join(self.title_parts).split())
-            self.title_parts = None
-        elif tag in self.SKIP:
-            self.skip_depth = max(0, self.skip_depth - 1)
-        elif tag == "h1" and self.h1_parts is not None:
-            self.h1 = " ".join("".join(self.h1_parts).split())
-            self.h1_parts = None
-        if tag in self.BLOCK:
-            self.parts.append("\n")
+def _inside_main(element) -> bool:
+    return any(parent.tag in ("main", "article") or parent.get("role") == "main" for parent in element.iterancestors())
 
-    def handle_data(self, data: str) -> None:
-        if self.title_parts is not None:
-            self.title_parts.append(data)
-            return
-        if self.skip_depth:
-            return
-        if self.h1_parts is not None:
-            self.h1_parts.append(data)
-        self.parts.append(data)
+
+def _drop_furniture(tree) -> None:
+    doomed = []
+    for element in tree.iter():
+        if not isinstance(element.tag, str):  # comments, processing instructions
+            continue
+        classes = (element.get("class") or "").split()
+        if element.tag == "nav" or element.get("role") in _FURNITURE_ROLES:
+            doomed.append(element)
+        elif element.tag in _FURNITURE_OUTSIDE_MAIN and not _inside_main(element):
+            doomed.append(element)
+        elif "headerlink" in classes or (
+            element.tag in ("a", "span", "button") and len(element) == 0 and (element.text or "").strip() in _ANCHOR_MARKS
+        ):
+            doomed.append(element)
+    for element in doomed:
+        if element.getparent() is not None:
+            element.drop_tree()  # keeps the element's tail text
+
+
+def _plain_text(element) -> str:
+    """Every visible text of `element`, block elements on their own lines (the fallback extractor)."""
+    parts: list[str] = []
+
+    def walk(node) -> None:
+        if isinstance(node.tag, str) and node.tag not in _NOT_TEXT:
+            block = node.tag in _BLOCK
+            if block:
+                parts.append("\n")
+            parts.append(node.text or "")
+            for child in node:
+                walk(child)
+            if block:
+                parts.append("\n")
+        parts.append(node.tail or "")
+
+    walk(element)
+    return "".join(parts)
 
 
 def html_to_text(html: str) -> tuple[str, str]:
-    """(title, visible text) of an HTML document; title from <title>, else the first <h1>."""
-    parser = _HTMLText()
-    parser.feed(html)
-    parser.close()
-    return (parser.title or parser.h1), "".join(parser.parts)  # entities: unescaped by convert_charrefs
+    """(title, main text) of an HTML page; the title from <title>, else the first <h1>.
+
+    The main content is extracted by trafilatura (navigation, sidebars, footers and other
+    boilerplate removed), after site navigation, banners/footers/sidebars outside <main> and
+    permalink marks ("¶") are dropped. A page trafilatura finds no content in (a fragment, a page
+    of only a heading and a line) falls back to all its visible text. Text the page shows, such as
+    an HTML code example, stays text.
+    """
+    import trafilatura
+
+    # trafilatura logs each fallback extractor it tries ("readability_lxml failed"): not the user's concern.
+    logging.getLogger("trafilatura").setLevel(logging.ERROR)
+    tree = _parse_html(html)
+    if tree is None:
+        return "", ""
+    title_element = tree.find(".//title")
+    title = title_element.text_content() if title_element is not None else ""
+    if not title.strip():
+        heading = tree.find(".//h1")
+        title = heading.text_content() if heading is not None else ""
+    _drop_furniture(tree)
+    body = tree.find(".//body")
+    fallback = _plain_text(body if body is not None else tree)
+    text = trafilatura.extract(
+        tree, output_format="txt", include_comments=False, include_tables=True, include_images=False,
+        include_links=False, include_formatting=False, deduplicate=False, favor_recall=True,
+    )
+    return " ".join(title.split()), (text if text and text.strip() else fallback)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,8 +401,19 @@ def _walk(root: Path) -> tuple[list[tuple[Path, str]], list[dict[str, Any]]]:
         rel = Path(error.filename).relative_to(root).as_posix() if error.filename else "."
         skipped.append(_skip_entry(rel, None, f"cannot read folder ({error.strerror or error})"))
 
+    def undecodable(directory: str, name: str) -> bool:
+        """A name that is not valid UTF-8 (os.walk hands it over with surrogate escapes) cannot
+        become a document id or a report line: skip it, shown with its bytes escaped."""
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            rel = os.fsencode(Path(directory, name).relative_to(root)).decode("utf-8", "backslashreplace")
+            skipped.append(_skip_entry(rel, None, "file name is not valid UTF-8 (rename it)"))
+            return True
+        return False
+
     for directory, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not undecodable(directory, d))
         for name in list(dirnames):
             full = os.path.join(directory, name)
             if os.path.islink(full):
@@ -332,7 +424,7 @@ def _walk(root: Path) -> tuple[list[tuple[Path, str]], list[dict[str, Any]]]:
                     rel = Path(full).relative_to(root).as_posix()
                     skipped.append(_skip_entry(rel, None, "symlink points outside the source folder"))
         for name in sorted(filenames):
-            if name.startswith("."):
+            if name.startswith(".") or undecodable(directory, name):
                 continue
             full = Path(directory, name)
             files.append((full, full.relative_to(root).as_posix()))
@@ -346,18 +438,19 @@ def _skip_entry(path: str, line: int | None, reason: str) -> dict[str, Any]:
 
 def _read_file(full: Path, rel: str, kind: str, cfg: IngestConfig) -> tuple[list[_Doc], list[dict[str, Any]]]:
     """Documents of one supported file and the JSONL lines skipped inside it; raises _Skip for the file."""
-    if kind == "jsonl":
+    if kind == "jsonl":  # many documents, read line by line: no whole-file limit
         return _read_jsonl(full, rel, cfg)
-    raw = _read_text(full, cfg.max_line_chars)
+    _check_file_size(full, cfg)
     stem = full.stem
-    if kind == "html":
-        title, body = html_to_text(raw)
+    if kind == "txt":
+        text = _read_normalized_text(full, cfg)
+        title = _title_from_text(text, stem)
+    elif kind == "html":
+        title, body = html_to_text(_read_text(full, cfg.max_line_chars))
         text = normalize_text(body)
         title = normalize_text(title).replace("\n", " ") or stem
     else:
-        if kind == "md":
-            raw = strip_markdown(raw)
-        text = normalize_text(raw)
+        text = normalize_text(strip_markdown(_read_text(full, cfg.max_line_chars)))
         title = _title_from_text(text, stem)
     return [_Doc(f"file:{rel}", title, text, rel, None, None, rel, None, kind)], []
 
@@ -413,7 +506,7 @@ def _load_folder(source: str, cfg: IngestConfig) -> tuple[list[_Doc], list[dict[
     files, skipped = _walk(root)
     real_root = os.path.realpath(root)
     docs: list[_Doc] = []
-    candidates = 0
+    candidates = sum(1 for entry in skipped if Path(entry["path"]).suffix.lower() in SUPPORTED)  # e.g. a non-UTF-8 name
     for full, rel in files:
         kind = SUPPORTED.get(full.suffix.lower())
         if full.is_symlink():

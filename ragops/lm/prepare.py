@@ -32,6 +32,9 @@ def _load_source(spec: str) -> tuple[Any, Any, dict[str, Any]]:
         directory = str(gguf.parent)
         source = {"source": "gguf", "path": str(gguf)}
     else:
+        from ragops.resources import check_model_spec
+
+        check_model_spec("lm.model", spec)
         directory = spec
         kwargs = {}
         source = {"source": "local" if Path(spec).exists() else "hub", "path": spec}
