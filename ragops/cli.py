@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from ragops.config import EVAL_TASKS
 from ragops.errors import RagopsError
 
 console = Console()
@@ -301,7 +302,7 @@ def architecture_tables(rows: dict[str, dict[str, float]], width: int = 100) -> 
     never wrapped or cut; when the architectures do not all fit in `width` columns, they are split
     over several tables, each repeating the metric column."""
     keys = sorted({k for m in rows.values() for k in m if "/" in k and not k.endswith(("_ci_low", "_ci_high"))
-                   and k.split("/")[0] in ("describe", "identify", "lm")})
+                   and k.split("/")[0] in EVAL_TASKS})
     costs = [key for key in COST_ROWS if any(key in m for m in rows.values())]
     cells: dict[str, list[str]] = {}
     for name, metrics in rows.items():

@@ -142,3 +142,21 @@ def validate_chunks(df: pd.DataFrame, cfg: ValidateConfig) -> ValidationReport:
     chunk_min_chars..chunk_max_chars long; (doc_id, position) unique; at least one row."""
     _, gxe = _gx()
     return _run("chunks", df, _chunk_expectations(gxe, cfg))
+
+
+def validate_questions(df: pd.DataFrame) -> ValidationReport:
+    """The user's questions (`ragops.data.questions`): qid not null and unique; question and answer
+    not null and non-blank; every row's answers a non-empty list; at least one row."""
+    _, gxe = _gx()
+    # Scalar columns only (GX works on them); the answers list as its length.
+    table = df[["qid", "question", "answer"]].assign(n_answers=[len(a) for a in df["answers"]])
+    return _run("questions", table, [
+        gxe.ExpectColumnValuesToNotBeNull(column="qid"),
+        gxe.ExpectColumnValuesToBeUnique(column="qid"),
+        gxe.ExpectColumnValuesToNotBeNull(column="question"),
+        gxe.ExpectColumnValuesToMatchRegex(column="question", regex=NON_BLANK),
+        gxe.ExpectColumnValuesToNotBeNull(column="answer"),
+        gxe.ExpectColumnValuesToMatchRegex(column="answer", regex=NON_BLANK),
+        gxe.ExpectColumnValuesToBeBetween(column="n_answers", min_value=1),
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+    ])
