@@ -123,4 +123,6 @@ def read_user_questions(path: Path, corpus: pd.DataFrame, *, label: str | None =
     if not rows:
         first = f"; the first: line {skipped[0]['line']}: {skipped[0]['reason']}" if skipped else ""
         raise DataError(f"{label}: no valid question ({len(skipped):,} line{'s' if len(skipped) != 1 else ''} skipped{first})")
-    return pd.DataFrame(rows, columns=USER_QUESTION_COLUMNS), skipped
+    frame = pd.DataFrame(rows, columns=USER_QUESTION_COLUMNS)
+    frame["gold_doc_id"] = pd.Series([r["gold_doc_id"] for r in rows], dtype=object)  # None, not NaN, where none is named
+    return frame, skipped
