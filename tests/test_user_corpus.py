@@ -239,7 +239,7 @@ def test_user_corpus_end_to_end(tiny_lm_dir, migrated_mlflow_db, tmp_path, monke
 
     summary = read_json(ws.benchmark_dir / "split.json")
     assert summary["articles"] == 61 and summary["heldout"] + summary["indexed"] == 61
-    assert [t for t, s in summary["tasks"].items() if s["built"]] == ["define", "cloze", "qa"]
+    assert {t for t, s in summary["tasks"].items() if s["built"]} == {"define", "cloze", "qa"}
     assert summary["tasks"]["describe"] == {"built": False, "reason": "not listed in benchmark.tasks"}
     assert summary["user_questions"]["valid"] == 32 and summary["user_questions"]["skipped"] == 1
     assert summary["user_questions"]["skipped_lines"][0]["line"] == 4

@@ -104,7 +104,7 @@ def read_user_questions(path: Path, corpus: pd.DataFrame, *, label: str | None =
             if not text.strip():
                 continue
             try:
-                record = json.loads(text)
+                record = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as error:
                 skip(f"invalid JSON ({error.msg} at column {error.colno})")
                 continue
