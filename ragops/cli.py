@@ -135,7 +135,7 @@ def ingest(
 
 for _name, _help in [
     ("validate", "Great Expectations gate on the corpus: stops the pipeline if it fails."),
-    ("split", "Build the benchmark: held-out articles (for LM perplexity) and describe/identify question sets split train/dev/test."),
+    ("split", "Build the benchmark: held-out documents (perplexity) and QA tasks (describe/identify, your questions, or derived define/cloze) split train/dev/test."),
     ("chunk", "Split indexed documents into sentence-aware token windows (size/overlap in params.yaml), then validate them."),
     ("embed", "Embed chunks with the encoder (cached by content hash: only new or edited chunks are computed)."),
     ("index", "Build the FAISS index (factory string in params.yaml) and the BM25 index beside it, atomically."),
