@@ -217,6 +217,7 @@ def test_user_corpus_end_to_end(tiny_lm_dir, migrated_mlflow_db, tmp_path, monke
     from ragops.params import load_config
     from ragops.paths import Workspace
     from ragops.training.data import train_questions
+    from ragops.training.retriever import retrieval_examples
 
     root = tmp_path / "ws"
     (root / "mlruns").mkdir(parents=True)
@@ -252,6 +253,11 @@ def test_user_corpus_end_to_end(tiny_lm_dir, migrated_mlflow_db, tmp_path, monke
     # trained methods see train questions of every task the split built, never dev/test ones
     train = train_questions(ws, None, config.seed)
     assert set(train["task"]) == {"define", "qa"} and (train["split"] == "train").all()
+    examples = sum(retrieval_examples(ws, qa_per_task=100, lm_windows=0, encode=None, decode=None, prefix_tokens=8,
+                                      target_tokens=8, seed=config.seed, dev_fraction=0.1), [])
+    assert len(examples) == len(train)
+    assert sum(e.gold_doc_id is None for e in examples) == int(train["gold_doc_id"].isna().sum())
+    assert "None" not in {e.gold_doc_id for e in examples}
     # retrieval evaluation only counts questions that have a gold document (no cloze)
     retrieval = read_json(ws.metrics_file("retrieval"))
     assert "test/bm25/define/recall_at_1" in retrieval and not any("/cloze/" in k for k in retrieval)
