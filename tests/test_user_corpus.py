@@ -293,3 +293,20 @@ def test_user_corpus_end_to_end(tiny_lm_dir, migrated_mlflow_db, tmp_path, monke
 def _norm(text: str) -> str:
     text = re.sub(r"\b(a|an|the)\b", " ", "".join(c for c in text.lower() if c.isalnum() or c.isspace()))
     return " ".join(text.split())
+
+
+def test_nothing_to_evaluate_is_one_line(tmp_path, caplog):
+    from ragops.config import EvalConfig
+    from ragops.data.benchmark import QUESTION_COLUMNS
+    from ragops.evaluation.data import eval_tasks
+    from ragops.paths import Workspace
+
+    ws = Workspace(tmp_path)
+    ws.benchmark_dir.mkdir(parents=True)
+    pd.DataFrame(columns=QUESTION_COLUMNS).to_parquet(ws.questions)  # a split that built no question
+    dev_only = next(f"doc:{i}" for i in range(100) if heldout_split(f"doc:{i}") == "dev")
+    pd.DataFrame({"doc_id": [dev_only], "title": ["T"], "text": ["x"]}).to_parquet(ws.heldout)
+    with pytest.raises(DataError, match=r"nothing to evaluate: none of the tasks lm has questions or held-out documents in split 'test'"):
+        eval_tasks(ws, EvalConfig())
+    assert any("task lm skipped: no held-out document in the 'test' half" in r.getMessage() for r in caplog.records)
+    assert eval_tasks(ws, EvalConfig(split="dev")) == ["lm"]
