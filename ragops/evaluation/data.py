@@ -35,7 +35,11 @@ def eval_tasks(ws: Workspace, eval_config: EvalConfig) -> list[str]:
     """The tasks to evaluate: `eval.tasks` (auto: every QA task the split built, then lm), without
     those that have no question in `eval.split` (each skipped with a one-line warning) and without
     lm when there is no held-out document in the split's half. Raises when nothing is left."""
-    frame = _read(ws.questions, "questions", ["task", "split"])
+    lm_only = eval_config.tasks != "auto" and set(eval_config.tasks) == {"lm"}
+    if lm_only and not ws.questions.exists():  # perplexity alone needs no question table
+        frame = pd.DataFrame(columns=["task", "split"])
+    else:
+        frame = _read(ws.questions, "questions", ["task", "split"])
     split = eval_config.split
     in_split = frame.loc[frame["split"] == split, "task"].value_counts().to_dict()
     built = [t for t in QA_TASKS if t in set(frame["task"])]
