@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from ragops.config import EVAL_TASKS
 from ragops.errors import RagopsError, UsageError
 
 console = Console()
@@ -154,7 +155,7 @@ def ingest(
 
 for _name, _help in [
     ("validate", "Great Expectations gate on the corpus: stops the pipeline if it fails."),
-    ("split", "Build the benchmark: held-out articles (for LM perplexity) and describe/identify question sets split train/dev/test."),
+    ("split", "Build the benchmark: held-out documents (perplexity) and QA tasks (describe/identify, your questions, or derived define/cloze) split train/dev/test."),
     ("chunk", "Split indexed documents into sentence-aware token windows (size/overlap in params.yaml), then validate them."),
     ("embed", "Embed chunks with the encoder (cached by content hash: only new or edited chunks are computed)."),
     ("index", "Build the FAISS index (factory string in params.yaml) and the BM25 index beside it, atomically."),
@@ -366,7 +367,7 @@ def architecture_tables(rows: dict[str, dict[str, float]], width: int = 100) -> 
     never wrapped or cut; when the architectures do not all fit in `width` columns, they are split
     over several tables, each repeating the metric column."""
     keys = sorted({k for m in rows.values() for k in m if "/" in k and not k.endswith(("_ci_low", "_ci_high"))
-                   and k.split("/")[0] in ("describe", "identify", "lm")})
+                   and k.split("/")[0] in EVAL_TASKS})
     costs = [key for key in COST_ROWS if any(key in m for m in rows.values())]
     cells: dict[str, list[str]] = {}
     for name, metrics in rows.items():

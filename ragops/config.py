@@ -112,10 +112,30 @@ class IndexConfig(Section):
     rrf_k: int = Field(default=60, ge=1)  # reciprocal-rank-fusion constant for hybrid retrieval
 
 
+BENCHMARK_TASKS = ("describe", "identify", "define", "cloze", "qa")  # QA tasks the split can build
+EVAL_TASKS = (*BENCHMARK_TASKS, "lm")
+BenchmarkTask = Literal["describe", "identify", "define", "cloze", "qa"]
+EvalTask = Literal["describe", "identify", "define", "cloze", "qa", "lm"]
+
+
 class BenchmarkConfig(Section):
     heldout_fraction: float = Field(default=0.05, gt=0, lt=1)
     train_fraction: float = Field(default=0.8, gt=0, lt=1)
     dev_fraction: float = Field(default=0.1, gt=0, lt=1)
+    # The user's own questions: a JSONL file (relative to the workspace), one
+    # {"question", "answer" | "answers", optional "doc_id" | "title"} per line -> the `qa` task.
+    questions: str | None = Field(default=None, min_length=1)
+    # Which QA tasks to build. auto: describe/identify when documents have descriptions (the packaged
+    # Wikipedia corpus), qa when `questions` is given, and the corpus-derived define/cloze tasks
+    # when neither is available. A listed task that cannot be built is skipped with one line.
+    tasks: list[BenchmarkTask] | Literal["auto"] = "auto"
+    cloze_per_doc: int = Field(default=3, ge=1)  # cloze sentences per held-out document
+    # Held-out documents whose near-duplicate is indexed are not evaluated (they move to the indexed
+    # side): a held-out document is a near-duplicate when at least `near_duplicate_overlap` of its
+    # word `near_duplicate_ngram`-grams (RETRO filters 8-gram overlap) occur in one indexed document.
+    # null turns the check off.
+    near_duplicate_ngram: int = Field(default=8, ge=1)
+    near_duplicate_overlap: float | None = Field(default=0.5, gt=0, le=1)
 
     @model_validator(mode="after")
     def _fractions(self) -> BenchmarkConfig:
@@ -145,7 +165,9 @@ class LMConfig(Section):
 
 
 class EvalConfig(Section):
-    tasks: list[Literal["describe", "identify", "lm"]] = ["describe", "identify", "lm"]
+    # auto: every QA task the benchmark split built, then lm. A listed task the split did not build
+    # (or with no question in `split`) is skipped with a one-line warning.
+    tasks: list[EvalTask] | Literal["auto"] = "auto"
     split: Literal["train", "dev", "test"] = "test"
     max_questions: int | None = Field(default=100, ge=1)  # per QA task
     max_lm_docs: int | None = Field(default=20, ge=1)  # held-out articles for perplexity

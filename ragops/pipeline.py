@@ -32,7 +32,7 @@ REFRESH_STAGES = DATA_STAGES[:-1]
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "ingest": ("data/ingest.py",),
     "validate": ("data/validate.py",),
-    "split": ("data/benchmark.py",),
+    "split": ("data/benchmark.py", "data/questions.py"),
     "chunk": ("data/chunk.py",),
     "embed": ("retrieval/embed.py",),
     "index": ("retrieval/index.py",),
@@ -130,7 +130,9 @@ def dvc_stages(config: Config) -> dict[str, Any]:
             "params": [*common, "validate", "ingest.min_chars", "ingest.max_chars"], "outs": ["artifacts/validation"],
         },
         "split": {
-            "cmd": "ragops split", "deps": ["data/corpus.parquet", "artifacts/validation", *_deps(STAGE_CODE["split"])],
+            "cmd": "ragops split",
+            "deps": ["data/corpus.parquet", "artifacts/validation", *([str(config.benchmark.questions)] if config.benchmark.questions else []),
+                     *_deps(STAGE_CODE["split"])],
             "params": [*common, "seed", "benchmark"], "outs": ["artifacts/benchmark"],
         },
         "chunk": {

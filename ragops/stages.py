@@ -114,10 +114,22 @@ def _spec_validate(ws: Workspace, config: Config) -> dict[str, Any]:
     return {"out_dir": ws.validation_dir, "inputs": {"corpus": ws.corpus}, "params": {"validate": config.section("validate"), "ingest": limits}}
 
 
+def user_questions_file(ws: Workspace, config: Config) -> Path | None:
+    """`benchmark.questions` resolved against the workspace root (None when not set)."""
+    if config.benchmark.questions is None:
+        return None
+    path = Path(config.benchmark.questions).expanduser()
+    return path if path.is_absolute() else ws.root / path
+
+
 def _spec_split(ws: Workspace, config: Config) -> dict[str, Any]:
+    questions_file = user_questions_file(ws, config)
     return {
         "out_dir": ws.benchmark_dir,
-        "inputs": {"corpus": ws.corpus, "validation": ws.validation_dir / "status.json"},
+        "inputs": {
+            "corpus": ws.corpus, "validation": ws.validation_dir / "status.json",
+            **({"user_questions": questions_file} if questions_file is not None else {}),
+        },
         "params": {"benchmark": config.section("benchmark"), "seed": config.seed},
     }
 
@@ -321,45 +333,78 @@ def require_validated_corpus(ws: Workspace) -> None:
 
 
 def split(ws: Workspace, config: Config, *, parent_run_id: str | None = None, force: bool = False) -> StageOutcome:
+    """Held-out documents and the QA tasks (`ragops.data.benchmark`); the user's questions file,
+    when configured, is read here (bad lines reported with file:line and skipped) and must pass its
+    GX gate. split.json says which tasks were built, why others were not, and how many held-out
+    documents were not evaluated because a near-duplicate is indexed."""
     import pandas as pd
 
-    from ragops.data.benchmark import split_benchmark
+    from ragops.data.benchmark import benchmark_summary, build_benchmark
 
     require_validated_corpus(ws)
+    questions_file = user_questions_file(ws, config)
+    if questions_file is not None and not questions_file.exists():
+        raise RagopsError(f"{config.benchmark.questions}: benchmark.questions file not found (relative to {ws.root})")
 
     def body(ctx: _Context) -> None:
         corpus = pd.read_parquet(ws.corpus)
-        heldout, questions = split_benchmark(corpus, config.benchmark, config.seed)
+        user_questions, skipped = _read_user_questions(ws, config, corpus, questions_file)
+        benchmark = build_benchmark(corpus, config.benchmark, config.seed, user_questions)
+        heldout, questions = benchmark.heldout, benchmark.questions
+        summary = benchmark_summary(corpus, heldout, questions, benchmark)
+        if questions_file is not None:
+            summary["user_questions"] = {
+                "file": config.benchmark.questions, "valid": 0 if user_questions is None else len(user_questions),
+                "skipped": len(skipped), "skipped_lines": skipped[:100],
+            }
         with atomic_dir(ws.benchmark_dir) as tmp:
             heldout.to_parquet(tmp / "heldout.parquet", index=False)
             questions.to_parquet(tmp / "questions.parquet", index=False)
+            write_json(tmp / "split.json", summary)
         _log_benchmark_inputs(ctx.run, ws, questions, heldout, context="benchmark")
+        ctx.run.log_dict(summary, "split.json")
+        for task, state in benchmark.tasks.items():
+            if state["built"]:
+                log.info("split: task %s built: %s", task, state["reason"])
+            elif config.benchmark.tasks != "auto" and task in config.benchmark.tasks:
+                log.warning("split: task %s skipped: %s", task, state["reason"])
+        excluded = len(benchmark.near_duplicates)
+        if excluded:
+            first = benchmark.near_duplicates.iloc[0]
+            log.warning("split: %d held-out document%s not evaluated: a near-duplicate is indexed (e.g. %s ~ %s, %.0f%% of its %d-grams)",
+                        excluded, "s" if excluded != 1 else "", first["doc_id"], first["duplicate_of"], 100 * first["overlap"],
+                        config.benchmark.near_duplicate_ngram)
+        if questions.empty:
+            log.warning("split: 0 questions: no QA task could be built (see %s); only the lm task can be evaluated", ws.benchmark_dir / "split.json")
         counts = questions.groupby(["task", "split"]).size()
-        ctx.stats.update(heldout_docs=len(heldout), questions=len(questions))
+        ctx.stats.update(heldout_docs=len(heldout), questions=len(questions), near_duplicates_excluded=excluded,
+                         tasks=",".join(t for t, st in benchmark.tasks.items() if st["built"]) or "none")
+        if questions_file is not None:
+            ctx.stats.update(user_questions_skipped=len(skipped))
         ctx.stats.update({f"{task}_{split_name}": int(n) for (task, split_name), n in counts.items()})
-        for warning in question_gaps(questions, config):
-            log.warning("split: %s", warning)
 
     return _run_stage(
         "split", ws, config, **_spec_split(ws, config), body=body, parent_run_id=parent_run_id, force=force,
     )
 
 
-def question_gaps(questions, config: Config) -> list[str]:
-    """Warnings for QA tasks the evaluation asks for that got no questions in its split (or none at
-    all): their metrics would be computed on nothing."""
-    from ragops.data.benchmark import TASKS
+def _read_user_questions(ws: Workspace, config: Config, corpus, path: Path | None):
+    """(questions or None, skipped lines): the user's questions file, parsed and through its GX gate."""
+    from ragops.data.questions import read_user_questions
+    from ragops.data.validate import validate_questions
 
-    wanted = [task for task in config.eval.tasks if task in TASKS]
-    if not wanted:
-        return []
-    if questions.empty:
-        return [f"0 questions: no document has a description, so the QA tasks ({', '.join(wanted)}) have nothing to ask "
-                "(give documents a description, e.g. a JSONL \"description\" field); only the lm task has data"]
-    present = set(zip(questions["task"], questions["split"], strict=True))
-    split_name = config.eval.split
-    return [f"0 {task} questions in the {split_name} split (eval.split): its {task} metrics will be empty"
-            for task in wanted if (task, split_name) not in present]
+    if path is None:
+        return None, []
+    questions, skipped = read_user_questions(path, corpus, label=config.benchmark.questions)
+    for problem in skipped[:50]:
+        log.warning("skipped %s:%d: %s", problem["path"], problem["line"], problem["reason"])
+    if len(skipped) > 50:
+        log.warning("... and %d more skipped lines (all in %s)", len(skipped) - 50, ws.benchmark_dir / "split.json")
+    report = validate_questions(questions)
+    if not report.success:
+        raise ValidationFailed(f"{config.benchmark.questions}: {report.summary}")
+    log.info("%s: %s", config.benchmark.questions, report.summary)
+    return questions, skipped
 
 
 def _log_benchmark_inputs(run: TrackedRun, ws: Workspace, questions, heldout, *, context: str) -> None:

@@ -204,10 +204,10 @@ def test_dictionary_folder_with_a_short_file_passes_the_gate(workspace, tmp_path
     assert code == 0, err
     assert json.loads((workspace / "artifacts" / "validation" / "status.json").read_text())["success"] is True
 
-    # No descriptions: the split says the QA tasks have nothing to ask instead of a silent questions=0.
+    # No descriptions: the split derives the tasks this corpus allows and says which, instead of a silent questions=0.
     code, _, err = ragops(workspace, "split")
     assert code == 0, err
-    assert "split: 0 questions: no document has a description" in " ".join(err.split())
+    assert "split: task define built: 5 indexed documents have a heading title" in " ".join(err.split())
 
 
 def test_gate_failure_names_the_files_the_limit_and_the_key(workspace, tmp_path, ragops):
@@ -335,18 +335,3 @@ def test_huge_text_file_is_skipped_without_being_read_whole(tmp_path):
     ]
     assert len(corpus) == len(corpus2) == 6  # the other documents are kept
     assert by_size_peak < size / 4 and streamed_peak < size / 4  # reading it whole takes more than the size
-
-
-def test_split_warns_about_each_qa_task_without_questions_in_the_evaluated_split():
-    import pandas as pd
-
-    from ragops.params import resolve
-    from ragops.stages import question_gaps
-
-    config = resolve({"eval": {"tasks": ["describe", "identify", "lm"], "split": "test"}})
-    questions = pd.DataFrame({"task": ["describe", "identify", "describe"], "split": ["test", "train", "dev"]})
-    assert question_gaps(questions, config) == [
-        "0 identify questions in the test split (eval.split): its identify metrics will be empty"
-    ]
-    assert question_gaps(questions.iloc[:0], resolve({"eval": {"tasks": ["lm"]}})) == []  # no QA task asked for
-    assert question_gaps(questions.iloc[:0], config)[0].startswith("0 questions: no document has a description")

@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 ID_COLUMNS = ["architecture", "family", "finetune", "run_id", "parent_run_id", "start_time"]
-TASKS = ("describe", "identify", "lm")
+TASKS = ("describe", "identify", "define", "cloze", "qa", "lm")  # = ragops.config.EVAL_TASKS (no import: pure module)
 COST_PREFIXES = ("train/", "inference/", "stage/", "system/")
 CI_SUFFIXES = ("_ci_low", "_ci_high")
 # Cost columns shown in the comparison table, in this order, when present.

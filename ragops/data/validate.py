@@ -131,9 +131,11 @@ def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
-def _where(row: dict[str, Any]) -> str:
+def _where(row: dict[str, Any] | int) -> str:
     """An offending row as a user finds it: its id (a file's id is `file:<path>`), else with its title."""
-    ident = next((str(row[key]) for key in ("chunk_id", "doc_id") if key in row), "?")
+    if not isinstance(row, dict):  # a table without id columns: GX gives the row number
+        return f"row {row}"
+    ident = next((str(row[key]) for key in ("chunk_id", "doc_id", "qid") if key in row), "?")
     title = row.get("title")
     if not ident.startswith("file:") and isinstance(title, str) and title:
         return f"{ident} '{title[:60]}'"
@@ -147,7 +149,7 @@ def _run(name: str, df: pd.DataFrame, checks: list, examples: int = 3) -> Valida
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     checks = [c if isinstance(c, Check) else Check(c) for c in checks]
-    index_columns = [c for c in ("chunk_id", "doc_id", "title") if c in df.columns]
+    index_columns = [c for c in ("chunk_id", "doc_id", "qid", "title") if c in df.columns]
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     batch = context.data_sources.add_pandas(name).add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
@@ -213,3 +215,21 @@ def validate_chunks(df: pd.DataFrame, cfg: ValidateConfig) -> ValidationReport:
     chunk_min_chars..chunk_max_chars long; (doc_id, position) unique; at least one row."""
     _, gxe = _gx()
     return _run("chunks", df, _chunk_checks(gxe, cfg), cfg.examples)
+
+
+def validate_questions(df: pd.DataFrame) -> ValidationReport:
+    """The user's questions (`ragops.data.questions`): qid not null and unique; question and answer
+    not null and non-blank; every row's answers a non-empty list; at least one row."""
+    _, gxe = _gx()
+    # Scalar columns only (GX works on them); the answers list as its length.
+    table = df[["qid", "question", "answer"]].assign(n_answers=[len(a) for a in df["answers"]])
+    return _run("questions", table, [
+        gxe.ExpectColumnValuesToNotBeNull(column="qid"),
+        gxe.ExpectColumnValuesToBeUnique(column="qid"),
+        gxe.ExpectColumnValuesToNotBeNull(column="question"),
+        gxe.ExpectColumnValuesToMatchRegex(column="question", regex=NON_BLANK),
+        gxe.ExpectColumnValuesToNotBeNull(column="answer"),
+        gxe.ExpectColumnValuesToMatchRegex(column="answer", regex=NON_BLANK),
+        gxe.ExpectColumnValuesToBeBetween(column="n_answers", min_value=1),
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+    ])

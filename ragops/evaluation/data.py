@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
-from ragops.data.benchmark import assert_no_leakage
+from ragops.config import BENCHMARK_TASKS, EvalConfig
+from ragops.data.benchmark import assert_no_leakage, heldout_split
 from ragops.errors import DataError, RagopsError
 from ragops.paths import Workspace
 
-QA_TASKS = ("describe", "identify")
+log = logging.getLogger("ragops.evaluation")
+
+QA_TASKS = BENCHMARK_TASKS
+QUESTION_COLUMNS = ["qid", "task", "split", "question", "answer", "gold_doc_id", "answers"]
+
+__all__ = ["QA_TASKS", "check_workspace_leakage", "eval_tasks", "heldout_split", "load_heldout", "load_questions"]
 
 
 def _read(path: Path, what: str, columns: Iterable[str]) -> pd.DataFrame:
@@ -25,12 +31,49 @@ def _read(path: Path, what: str, columns: Iterable[str]) -> pd.DataFrame:
     return frame
 
 
+def eval_tasks(ws: Workspace, eval_config: EvalConfig) -> list[str]:
+    """The tasks to evaluate: `eval.tasks` (auto: every QA task the split built, then lm), without
+    those that have no question in `eval.split` (each skipped with a one-line warning) and without
+    lm when there is no held-out document in the split's half. Raises when nothing is left."""
+    lm_only = eval_config.tasks != "auto" and set(eval_config.tasks) == {"lm"}
+    if lm_only and not ws.questions.exists():  # perplexity alone needs no question table
+        frame = pd.DataFrame(columns=["task", "split"])
+    else:
+        frame = _read(ws.questions, "questions", ["task", "split"])
+    split = eval_config.split
+    in_split = frame.loc[frame["split"] == split, "task"].value_counts().to_dict()
+    built = [t for t in QA_TASKS if t in set(frame["task"])]
+    wanted = [*built, "lm"] if eval_config.tasks == "auto" else list(dict.fromkeys(eval_config.tasks))
+    tasks: list[str] = []
+    for task in wanted:
+        if task == "lm":
+            heldout = _read(ws.heldout, "held-out documents", ["doc_id"])
+            halves = heldout["split"] if "split" in heldout.columns else heldout["doc_id"].map(heldout_split)
+            if split in ("dev", "test") and halves.eq(split).any():
+                tasks.append(task)
+            else:
+                log.warning("eval: task lm skipped: no held-out document in the '%s' half", split)
+        elif task not in built:
+            log.warning("eval: task %s skipped: the benchmark split did not build it (see %s)", task, ws.benchmark_dir / "split.json")
+        elif not in_split.get(task):
+            log.warning("eval: task %s skipped: 0 questions in split '%s'", task, split)
+        else:
+            tasks.append(task)
+    if not tasks:
+        raise DataError(f"{ws.questions}: nothing to evaluate: none of the tasks {', '.join(wanted) or '(none)'} has "
+                        f"questions or held-out documents in split '{split}' (see {ws.benchmark_dir / 'split.json'})")
+    return tasks
+
+
 def load_questions(ws: Workspace, tasks: Iterable[str], split: str, max_questions: int | None) -> pd.DataFrame:
-    """Questions of `split` for each QA task in `tasks`, the first `max_questions` per task by qid."""
+    """Questions of `split` for each QA task in `tasks`, the first `max_questions` per task by qid.
+    `answers` (every accepted answer) is [answer] in a split made before it existed."""
     tasks = [t for t in tasks if t in QA_TASKS]
     if not tasks:
-        return pd.DataFrame(columns=["qid", "task", "split", "question", "answer", "gold_doc_id"])
-    frame = _read(ws.questions, "questions", ["qid", "task", "split", "question", "answer", "gold_doc_id"])
+        return pd.DataFrame(columns=QUESTION_COLUMNS)
+    frame = _read(ws.questions, "questions", QUESTION_COLUMNS[:-1])
+    if "answers" not in frame.columns:
+        frame["answers"] = [[a] for a in frame["answer"]]
     parts = []
     for task in tasks:
         rows = frame[(frame["task"] == task) & (frame["split"] == split)].sort_values("qid", kind="stable")
@@ -47,11 +90,6 @@ def load_train_answers(ws: Workspace) -> frozenset[str]:
 
     frame = _read(ws.questions, "questions", ["split", "answer"])
     return frozenset(normalize_answer(a) for a in frame.loc[frame["split"] == "train", "answer"])
-
-
-def heldout_split(doc_id: str) -> str:
-    """Held-out articles are halved, stably by id, into a `dev` half (sweeps) and a `test` half."""
-    return "dev" if hashlib.sha1(doc_id.encode("utf-8")).digest()[0] % 2 == 0 else "test"
 
 
 def load_heldout(ws: Workspace, split: str, max_docs: int | None) -> pd.DataFrame:

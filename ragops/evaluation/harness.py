@@ -1,4 +1,4 @@
-"""One evaluation harness for every architecture: QA (describe, identify) and language modelling.
+"""One evaluation harness for every architecture: QA (describe, identify, define, cloze, qa) and language modelling.
 
 The architecture produces raw outputs (`answer`, `score_documents`); everything measured from them
 (normalised EM and F1, gold-answer NLL, recall of the documents shown, perplexities, bootstrap
@@ -45,6 +45,9 @@ def evaluate_qa(
     rows = []
     for (_, q), (_, a) in zip(questions.iterrows(), out.iterrows(), strict=True):
         shown = list(a["shown_doc_ids"])
+        # Any accepted answer counts (a user question may list several); the first is the reference.
+        answers = list(q["answers"]) if "answers" in q.index and q["answers"] is not None and len(q["answers"]) else [q["answer"]]
+        gold_doc = q["gold_doc_id"] if isinstance(q["gold_doc_id"], str) else None
         rows.append(
             {
                 "task": task,
@@ -53,10 +56,12 @@ def evaluate_qa(
                 "question": q["question"],
                 "gold": q["answer"],
                 "prediction": a["prediction"],
-                "em": exact_match(a["prediction"], q["answer"]),
-                "f1": token_f1(a["prediction"], q["answer"]),
+                "em": max(exact_match(a["prediction"], answer) for answer in answers),
+                "f1": max(token_f1(a["prediction"], answer) for answer in answers),
                 "gold_nll": float(a["gold_nll"]),
-                "retrieval_recall": float(q["gold_doc_id"] in shown),
+                # No gold document (a cloze sentence's source is held out; a user question may name
+                # none): recall is undefined, not 0.
+                "retrieval_recall": float(gold_doc in shown) if gold_doc is not None else float("nan"),
                 "retrieved_doc_ids": list(a["retrieved_doc_ids"]),
                 "retrieved_scores": [float(s) for s in a["retrieved_scores"]],
                 "shown_doc_ids": shown,
@@ -72,6 +77,8 @@ def evaluate_qa(
     per_example = {name: table[name].dropna().to_numpy(dtype=float) for name in QA_METRICS}
     unseen = table[~table["answer_in_train"]]
     per_example.update({f"{name}_unseen": unseen[name].dropna().to_numpy(dtype=float) for name in ("em", "f1", "gold_nll")})
+    if not per_example["retrieval_recall"].size:  # no question of this task has a gold document
+        del per_example["retrieval_recall"]
     metrics = with_ci(task, per_example, eval_config.bootstrap_samples, eval_config.confidence, seed)
     return metrics, table
 

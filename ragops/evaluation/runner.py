@@ -11,7 +11,7 @@ import pandas as pd
 from ragops.architectures import registry
 from ragops.architectures.base import Architecture, ArchitectureContext
 from ragops.errors import RagopsError
-from ragops.evaluation.data import check_workspace_leakage, load_heldout, load_questions, load_train_answers
+from ragops.evaluation.data import check_workspace_leakage, eval_tasks, load_heldout, load_questions, load_train_answers
 from ragops.evaluation.harness import evaluate_lm, evaluate_qa, predictions_frame
 from ragops.architectures.prompts import qa_prompt
 
@@ -57,7 +57,7 @@ def run_architecture(
     lm: CausalLM | None = None,
     retrievers: dict[str, Any] | None = None,
 ) -> EvalResult:
-    """Evaluate `name` (trained beforehand when it trains) on every task of `config.eval.tasks`.
+    """Evaluate `name` (trained beforehand when it trains) on every task of `config.eval.tasks` (`eval_tasks`: auto = what the split built).
 
     Questions come from `questions.parquet` (split `config.eval.split`, first `max_questions` per
     task by qid) and held-out documents from `heldout.parquet` (the split's half, first
@@ -69,8 +69,9 @@ def run_architecture(
     """
     eval_config = config.eval
     arch = build_architecture(name, ws, config, progress=progress, lm=lm, retrievers=retrievers)
-    questions = load_questions(ws, eval_config.tasks, eval_config.split, eval_config.max_questions)
-    docs = load_heldout(ws, eval_config.split, eval_config.max_lm_docs) if "lm" in eval_config.tasks else None
+    tasks = eval_tasks(ws, eval_config)
+    questions = load_questions(ws, tasks, eval_config.split, eval_config.max_questions)
+    docs = load_heldout(ws, eval_config.split, eval_config.max_lm_docs) if "lm" in tasks else None
     if docs is not None:
         check_workspace_leakage(ws)
     train_answers = load_train_answers(ws) if len(questions) else frozenset()
@@ -84,7 +85,7 @@ def run_architecture(
     seconds: dict[str, float] = {}
     with infer_meter:
         lm_before = arch.lm.counters.snapshot()
-        for task in eval_config.tasks:
+        for task in tasks:
             start = time.perf_counter()
             # Each kind of task is metered on its own: QA per 1,000 questions, lm per 1,000 tokens.
             if task == "lm":
@@ -111,9 +112,9 @@ def run_architecture(
     info = {
         **arch.tags(),
         "options": arch.options.model_dump(mode="json"),
-        "tasks": list(eval_config.tasks),
+        "tasks": tasks,
         "split": eval_config.split,
-        "examples": {task: int((predictions["task"] == task).sum()) for task in eval_config.tasks},
+        "examples": {task: int((predictions["task"] == task).sum()) for task in tasks},
         "seconds": seconds,
         # The prompt as this architecture used it: a {passage} slot only if it showed passages.
         "prompt": prompt,

@@ -28,11 +28,12 @@ QUESTION_COLUMNS = ("qid", "task", "split", "question", "gold_doc_id")
 def select_questions(
     questions_df: pd.DataFrame, splits: Sequence[str], max_questions: int | None = None
 ) -> pd.DataFrame:
-    """Questions of `splits`, at most `max_questions` per (split, task), in file order."""
+    """Questions of `splits` that have a gold document (a cloze question or a user question naming
+    none has nothing to find), at most `max_questions` per (split, task), in file order."""
     missing = [c for c in QUESTION_COLUMNS if c not in questions_df.columns]
     if missing:
         raise RagopsError(f"questions table: missing column(s) {', '.join(missing)}")
-    selected = questions_df[questions_df["split"].isin(list(splits))]
+    selected = questions_df[questions_df["split"].isin(list(splits)) & questions_df["gold_doc_id"].notna()]
     if max_questions is not None:
         selected = selected.groupby(["split", "task"], sort=False, group_keys=False).head(max_questions)
     return selected.reset_index(drop=True)

@@ -55,7 +55,9 @@ def retrieval_examples(
     if qa_per_task:
         for _, q in train_questions(ws, qa_per_task, seed).iterrows():
             examples.append(RetrievalExample(str(q["qid"]), str(q["task"]), str(q["question"]), str(q["answer"]),
-                                             str(q["gold_doc_id"]), None, str(q["question"])))
+                                             # a user question may name no gold document
+                                             q["gold_doc_id"] if isinstance(q["gold_doc_id"], str) else None,
+                                             None, str(q["question"])))
     for window in make_windows(ws, lm_windows, encode, decode, prefix_tokens, target_tokens, seed):
         examples.append(RetrievalExample(window.example_id, "lm", window.prefix, window.target, None, window.doc_id))
     if not examples:
