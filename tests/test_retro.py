@@ -295,7 +295,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run_and_only_new_modules_train(
     # modules trained on another base LM are refused, naming both
     meta = arch.artifact_dir / "retro" / "retro.json"
     meta.write_text(meta.read_text().replace('"base_fingerprint": "', '"base_fingerprint": "other'))
-    with pytest.raises(RagopsError, match=r"trained on base LM .*fingerprint other.*not on .*retrain them"):
+    with pytest.raises(RagopsError, match=r"trained on base LM .*fingerprint other.*not on .*retrain it"):
         _retro(root, **overrides).retro_lm()
 
 

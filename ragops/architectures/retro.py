@@ -631,19 +631,9 @@ def load_modules(directory: Path, base: str | Path, config: Any, options: RetroO
     """The trained modules saved in `directory`; refuses modules trained on another base LM (one line naming both)."""
     from safetensors.torch import load_file
 
-    from ragops.io import read_json
-    from ragops.lm.finetune import base_fingerprint
+    from ragops.lm.finetune import read_base_checked_meta
 
-    meta_file = directory / META_FILE
-    if not meta_file.exists():
-        raise RagopsError(f"{directory}: no RETRO modules here ({META_FILE} missing)")
-    meta = read_json(meta_file)
-    expected = base_fingerprint(base)
-    if meta.get("base_fingerprint") != expected:
-        raise RagopsError(
-            f"{directory}: RETRO modules were trained on base LM '{meta.get('base')}' (fingerprint {meta.get('base_fingerprint')}), "
-            f"not on '{base}' (fingerprint {expected}); retrain them"
-        )
+    meta = read_base_checked_meta(Path(directory), base, META_FILE, "RETRO modules")
     opts = options.model_copy(update={"cca_layers": list(meta["cca_layers"])})
     modules = build_modules(config, opts)
     modules.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))

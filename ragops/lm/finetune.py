@@ -156,22 +156,29 @@ def save_adapter(model: Any, directory: str | Path, *, base: str | Path, extra: 
     })
 
 
+def read_base_checked_meta(directory: Path, base: str | Path, meta_name: str, what: str) -> dict[str, Any]:
+    """The metadata `directory/meta_name` of weights trained on a base LM (an adapter, RETRO's
+    modules); refuses weights made for another base LM with one line naming both."""
+    meta_file = directory / meta_name
+    if not meta_file.exists():
+        raise RagopsError(f"{directory}: no {what} here ({meta_name} missing)")
+    meta = read_json(meta_file)
+    expected = base_fingerprint(base)
+    if meta.get("base_fingerprint") != expected:
+        raise RagopsError(
+            f"{directory}: {what} trained on base LM '{meta.get('base')}' (fingerprint {meta.get('base_fingerprint')}), "
+            f"not on '{base}' (fingerprint {expected}); retrain it"
+        )
+    return meta
+
+
 def load_finetuned(directory: str | Path, base: str | Path, lm_config: Any) -> CausalLM:
     """The base LM with the adapter saved in `directory` merged in, as a plain CausalLM (scoring
     speed unchanged). Refuses an adapter made for another base LM."""
     from ragops.lm.model import CausalLM
 
     directory = Path(directory)
-    meta_file = directory / META_FILE
-    if not meta_file.exists():
-        raise RagopsError(f"{directory}: no fine-tuned LM here ({META_FILE} missing)")
-    meta = read_json(meta_file)
-    expected = base_fingerprint(base)
-    if meta.get("base_fingerprint") != expected:
-        raise RagopsError(
-            f"{directory}: adapter was trained on base LM '{meta.get('base')}' (fingerprint {meta.get('base_fingerprint')}), "
-            f"not on '{base}' (fingerprint {expected}); retrain it"
-        )
+    meta = read_base_checked_meta(directory, base, META_FILE, "fine-tuned LM")
     adapter = directory / ADAPTER_DIR
     if meta.get("full"):
         return CausalLM.from_config(lm_config, adapter)
