@@ -73,6 +73,8 @@ def architecture_code(config: Config, name: str) -> dict[str, list[str]]:
 def trains_after(config: Config, name: str) -> str | None:
     """The architecture whose training `name` waits for: a variant's base (an entry with `base:`),
     whose trained weights it may reuse (e.g. `retro_random` evaluates retro's weights), when enabled."""
+    if name not in config.architectures:
+        return None  # an unknown name fails in its own train stage, with one line naming the known ones
     base = getattr(config.architecture_options(name), "base", None)
     return base if base and base != name and base in config.enabled_architectures() else None
 
