@@ -21,6 +21,7 @@ ARCHITECTURES: dict[str, str] = {
     "replug_lsr": "ragops.architectures.replug_lsr:REPLUGLSR",
     "aar": "ragops.architectures.aar:AAR",
     "atlas": "ragops.architectures.atlas:Atlas",
+    "self_rag": "ragops.architectures.self_rag:SelfRAG",
 }
 
 
