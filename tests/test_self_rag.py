@@ -154,6 +154,34 @@ def test_critique_scores_match_hand_computations():
     assert critique_score([-0.5, -1.5], 0.75, 0.65, 0.1, w_rel=1.0, w_sup=1.0, w_use=0.5, use_seqscore=False) == pytest.approx(1.45)
 
 
+def test_critique_readout_matches_plain_forwards(tiny_lm_dir):
+    """The shared-prefix read-out equals log-softmax read off full forwards: answer tokens after the
+    head, IsSup after the answer, IsUse after the more likely IsSup token."""
+    from ragops.architectures.self_rag import SUPPORT_TOKENS, critique_readout
+    from ragops.lm.finetune import add_special_tokens
+
+    lm = _tiny_lm(tiny_lm_dir)
+    ids = dict(zip(REFLECTION_TOKENS, add_special_tokens(lm, REFLECTION_TOKENS), strict=True))
+    heads = [lm.encode("Rivers and bridges of the old town, a long passage about painters.") + [ids[RELEVANT]],
+             lm.encode("Planets circle the sun; a second passage of some length here.") + [ids[IRRELEVANT]]]
+    answers = [lm.encode(" the river"), []]
+    answer_lp, sup, use = critique_readout(lm, heads, answers, ids)
+
+    def logp(seq):
+        with torch.no_grad():
+            return torch.log_softmax(lm.model(torch.tensor([seq])).logits[0].float(), dim=-1)
+
+    for n, (head, answer) in enumerate(zip(heads, answers, strict=True)):
+        full = logp(head + answer)
+        expected_answer = [float(full[len(head) - 1 + t, tok]) for t, tok in enumerate(answer)]
+        np.testing.assert_allclose(answer_lp[n], expected_answer, atol=1e-4)
+        expected_sup = [float(full[-1, ids[t]]) for t in SUPPORT_TOKENS]
+        np.testing.assert_allclose(sup[n], expected_sup, atol=1e-4)
+        best = ids[SUPPORT_TOKENS[int(np.argmax(expected_sup))]]
+        after = logp(head + answer + [best])[-1]
+        np.testing.assert_allclose(use[n], [float(after[ids[t]]) for t in UTILITY], atol=1e-4)
+
+
 # --- critic labels ---------------------------------------------------------------------------------
 
 

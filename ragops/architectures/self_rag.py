@@ -665,10 +665,7 @@ class SelfRAG(InContextRALM):
                 heads = [j[2] + [t] for j, t in zip(jobs, rel_tok, strict=True)]
                 gold_lp, texts = lm.score_and_generate_ids(heads, [golds[j[0]] for j in jobs], max_new_tokens=max_new, stop=STOP)
                 answers = [lm.encode(clean_prediction(t)) for t in texts]
-                answer_lp = lm.score_ids(heads, answers)
-                sup = lm.next_token_logprobs([h + a for h, a in zip(heads, answers, strict=True)], [ids[t] for t in SUPPORT_TOKENS])
-                sup_tok = [ids[SUPPORT_TOKENS[int(np.argmax(s))]] for s in sup]
-                use = lm.next_token_logprobs([h + a + [s] for h, a, s in zip(heads, answers, sup_tok, strict=True)], [ids[t] for t in UTILITY])
+                answer_lp, sup, use = critique_readout(lm, heads, answers, ids)
             candidates: dict[int, list[dict[str, Any]]] = {}
             for n, (i, p, prefix, n_passage) in enumerate(jobs):
                 s_rel, s_sup, s_use = relevance_score(*rel[n]), support_score(*sup[n]), utility_score(use[n])
@@ -751,6 +748,34 @@ class SelfRAG(InContextRALM):
 # ------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------
+
+
+def critique_readout(lm: CausalLM, heads: list[list[int]], answers: list[list[int]], ids: dict[str, int]
+                     ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """For each (head, answer): the answer tokens' log-probs after the head, the IsSup tokens' log-probs
+    after the answer, and the IsUse tokens' log-probs after the more likely IsSup token.
+
+    One scoring call: every head is read once (its KV cache shared, `CausalLM.score_ids`) and the 15
+    continuations answer + [IsSup_j] + [Utility_i] are scored on top, which yields all three read-outs
+    (3 separate forwards of the head otherwise)."""
+    sup_ids, use_ids = [ids[t] for t in SUPPORT_TOKENS], [ids[t] for t in UTILITY]
+    contexts, conts = [], []
+    for head, answer in zip(heads, answers, strict=True):
+        for s in sup_ids:
+            for u in use_ids:
+                contexts.append(head)
+                conts.append([*answer, s, u])
+    scored = lm.score_ids(contexts, conts)
+    per = len(sup_ids) * len(use_ids)
+    answer_lp, sup, use = [], np.zeros((len(heads), len(sup_ids))), np.zeros((len(heads), len(use_ids)))
+    for n, answer in enumerate(answers):
+        block = scored[n * per : (n + 1) * per]
+        m = len(answer)
+        answer_lp.append(block[0][:m])
+        sup[n] = [block[j * len(use_ids)][m] for j in range(len(sup_ids))]
+        best = int(np.argmax(sup[n]))
+        use[n] = [block[best * len(use_ids) + i][m + 1] for i in range(len(use_ids))]
+    return answer_lp, sup, use
 
 
 def reflection_ids(lm: CausalLM) -> dict[str, int]:
