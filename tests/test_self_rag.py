@@ -77,13 +77,16 @@ def test_reflection_tokens_are_single_ids_on_resized_tied_rows_that_training_cha
         loss, _ = causal_lm_loss(model, [seq], [mask], lm.pad_id)
         loss.backward()
         optimizer.step()
+    trained_rows = next(p for n, p in model.named_parameters() if "trainable_tokens_delta" in n).detach().clone()
+    assert trained_rows.shape == (15, embeddings.shape[1])
     save_adapter(model, tmp_path / "gen", base=tiny_lm_dir, tokenizer=lm.tokenizer)
     loaded = load_finetuned(tmp_path / "gen", tiny_lm_dir, _config())
     weight = loaded.model.get_input_embeddings().weight
     assert loaded.vocab_size == before.shape[0] + 15 and weight.data_ptr() == loaded.model.get_output_embeddings().weight.data_ptr()
     assert [loaded.tokenizer.convert_tokens_to_ids(t) for t in REFLECTION_TOKENS] == ids
     torch.testing.assert_close(weight[: before.shape[0]].detach(), before)  # old rows untouched
-    assert not torch.allclose(weight[ids[1]].detach(), embeddings[ids[1]].detach())  # a trained reflection row moved
+    torch.testing.assert_close(weight[ids].detach(), trained_rows)  # the trained rows, merged (input = output row)
+    assert not torch.allclose(weight[ids[1]].detach(), embeddings[ids[1]].detach())  # training moved a reflection row
 
     other = tmp_path / "other-lm"
     shutil.copytree(tiny_lm_dir, other)

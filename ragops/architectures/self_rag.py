@@ -392,10 +392,12 @@ class SelfRAG(InContextRALM):
                 if run.meter is not None and cached.get("meter"):
                     run.meter.restore(cached["meter"])
                 critic_info, gen_labels = cached["critic"], cached["labels"]
+                torch.manual_seed(config.seed)  # the new rows' (mean-resizing) initialisation
                 ids = dict(zip(REFLECTION_TOKENS, add_special_tokens(lm, REFLECTION_TOKENS), strict=True))
             else:
                 items, label_stats, critic_docs = self._critic_items(lm, retriever, critic_q, run.meter)
                 text_docs |= critic_docs
+                torch.manual_seed(config.seed)  # the new rows' (mean-resizing) initialisation
                 ids = dict(zip(REFLECTION_TOKENS, add_special_tokens(lm, REFLECTION_TOKENS), strict=True))
                 critic_info, gen_labels = self._train_critic(lm, ids, items, gen_q, gen_passages, run)
                 critic_info["labels"] = label_stats
