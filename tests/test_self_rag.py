@@ -208,9 +208,10 @@ def test_critic_label_procedure_on_a_hand_made_example():
 # --- train + evaluate ----------------------------------------------------------------------------
 
 
-def test_train_and_evaluate_smoke_with_the_always_retrieve_control(copy_workspace):
-    """`ragops train` + `ragops evaluate` for self_rag (critic + generator, 2 steps each) and
-    self_rag_always: training questions and passages only from the train split, the critic's held-out
+def test_train_resume_and_evaluate_smoke_with_the_always_retrieve_control(copy_workspace, monkeypatch):
+    """`ragops train` (killed and resumed, see `_train_killed_and_resumed`) + `ragops evaluate` for
+    self_rag (critic + generator, 2 steps each) and self_rag_always: training questions and passages
+    only from the train split, the critic's held-out
     agreement recorded, the merged generator answers without reflection tokens in its predictions,
     retrieval rate and δ sweep reported."""
     from ragops import stages
@@ -221,8 +222,9 @@ def test_train_and_evaluate_smoke_with_the_always_retrieve_control(copy_workspac
 
     ws = Workspace(copy_workspace())
     config = load_config(ws.params)
+    _train_killed_and_resumed(ws, config, monkeypatch)
+    stages.train_architecture(ws, config, "self_rag_always", progress=False)
     for name in ("self_rag", "self_rag_always"):
-        stages.train_architecture(ws, config, name, progress=False)
         stages.evaluate_architecture(ws, config, name, progress=False)
     questions = pd.read_parquet(ws.questions)
     split_of = dict(zip(questions["qid"], questions["split"], strict=True))
@@ -266,3 +268,49 @@ def test_train_and_evaluate_smoke_with_the_always_retrieve_control(copy_workspac
     assert "describe/retrieval_rate" not in read_json(ws.metrics_file("self_rag_always"))
     forbidden = forbidden_doc_ids(ws)
     assert forbidden  # the gate had something to keep out
+
+
+def _train_killed_and_resumed(ws, config, monkeypatch) -> None:
+    """Train self_rag uninterrupted, then again killed at the generator's 2nd step and re-run: the
+    re-run reuses the critic's labels (no critic step), resumes the generator at step 1 and ends with
+    the uninterrupted run's adapter weights; the critic's side files are gone afterwards."""
+    from safetensors.torch import load_file
+
+    from ragops import stages
+    from ragops.architectures.self_rag import SequenceTask
+
+    def adapter_weights():
+        files = sorted((ws.architecture_dir("self_rag") / "generator" / "adapter").glob("*.safetensors"))
+        return {f"{f.name}:{k}": v for f in files for k, v in load_file(str(f)).items()}
+
+    stages.train_architecture(ws, config, "self_rag", progress=False)
+    uninterrupted = adapter_weights()
+
+    original = SequenceTask.loss
+    calls = {"critic": 0, "generator": 0}
+
+    def killed_at_generator_step_2(self, batch):
+        kind = "critic" if self.lm.name.endswith("+critic") else "generator"
+        calls[kind] += 1
+        if kind == "generator" and calls[kind] == 2:
+            raise KeyboardInterrupt("killed")
+        return original(self, batch)
+
+    monkeypatch.setattr(SequenceTask, "loss", killed_at_generator_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        stages.train_architecture(ws, config, "self_rag", progress=False, force=True)
+    assert calls == {"critic": 2, "generator": 2}
+    checkpoints = sorted(p.name for p in (ws.cache_dir / "checkpoints" / "self_rag").iterdir())
+    assert any(n.endswith(".critic.json") for n in checkpoints) and any(n.endswith(".ckpt") for n in checkpoints)
+
+    calls.update(critic=0, generator=0)
+    monkeypatch.setattr(SequenceTask, "loss", lambda self, batch: (calls.__setitem__(
+        "critic" if self.lm.name.endswith("+critic") else "generator",
+        calls["critic" if self.lm.name.endswith("+critic") else "generator"] + 1), original(self, batch))[1])
+    stages.train_architecture(ws, config, "self_rag", progress=False, force=True)
+    assert calls == {"critic": 0, "generator": 1}  # the critic's labels were reused; the generator resumed at step 1
+    resumed = adapter_weights()
+    assert resumed.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], value, msg=key)
+    assert not list((ws.cache_dir / "checkpoints" / "self_rag").glob("*.critic*"))

@@ -389,7 +389,8 @@ class SelfRAG(InContextRALM):
             labels_file = self._side_file(run, ".critic.json")
             if labels_file is not None and labels_file.exists() and read_json(labels_file).get("fingerprint") == self.training_fingerprint():
                 cached = read_json(labels_file)  # a resumed training: the critic's work is done
-                if run.meter is not None and cached.get("meter"):
+                # The critic's cost, unless the generator's checkpoint (which holds it already) restores it.
+                if run.meter is not None and cached.get("meter") and not (run.checkpoint is not None and run.checkpoint.exists()):
                     run.meter.restore(cached["meter"])
                 critic_info, gen_labels = cached["critic"], cached["labels"]
                 torch.manual_seed(config.seed)  # the new rows' (mean-resizing) initialisation
