@@ -373,9 +373,8 @@ class SelfRAG(InContextRALM):
         opt, ws, config = self.options, self.ctx.ws, self.ctx.config
         self._base_only = True
         lm = self.ctx.lm
-        tasks = [t for t in config.eval.tasks if t != "lm"] or None
         # The control samples exactly as SELF-RAG does and drops the critic's share: the same generator questions.
-        pool = train_questions(ws, opt.qa_examples + opt.critic_questions, config.seed, tasks)
+        pool = train_questions(ws, opt.qa_examples + opt.critic_questions, config.seed)
         critic_q, gen_q = _split_questions(pool, opt.critic_questions)
         if not opt.reflection:
             critic_q = critic_q.iloc[:0]
@@ -598,8 +597,9 @@ class SelfRAG(InContextRALM):
             p_retrieve = [retrieval_probability(float(a), float(b)) for a, b in decision]
             retrieve = [p > opt.threshold for p in p_retrieve]
             both = bool(opt.sweep_deltas)
-            closed = self._no_retrieval_path(lm, ids, prompts, golds, retrieve, meter, scratch if both else None)
             opened = self._retrieval_path(lm, ids, batch, prompts, golds, retrieve, meter, scratch if both else None)
+            retrieve = [r and o is not None for r, o in zip(retrieve, opened, strict=True)]  # nothing retrieved: answer closed-book
+            closed = self._no_retrieval_path(lm, ids, prompts, golds, retrieve, meter, scratch if both else None)
             for i, (_, q) in enumerate(batch.iterrows()):
                 chosen = opened[i] if retrieve[i] else closed[i]
                 meter.add(tokens_prompt=chosen["tokens_prompt"] + len(prompts[i]), tokens_retrieved=chosen["tokens_retrieved"],
@@ -703,7 +703,7 @@ class SelfRAG(InContextRALM):
             return
         task = str(sweep_rows[0]["task"] or "qa")
         opt = self.options
-        rate = float(np.mean([r["p_retrieve"] > opt.threshold for r in sweep_rows]))
+        rate = float(np.mean([r["p_retrieve"] > opt.threshold and r["opened"] is not None for r in sweep_rows]))
         self.info.setdefault("metrics", {})[f"{task}/retrieval_rate"] = rate
         self.info.setdefault("retrieval_rate", {})[task] = rate
         self.info.setdefault("p_retrieve", {})[task] = {
