@@ -267,7 +267,9 @@ def test_train_resume_and_evaluate_smoke_with_the_always_retrieve_control(copy_w
     assert control_qa["shown_doc_ids"].map(len).eq(1).all()  # always the top passage
     assert "describe/retrieval_rate" not in read_json(ws.metrics_file("self_rag_always"))
     forbidden = forbidden_doc_ids(ws)
-    assert forbidden  # the gate had something to keep out
+    for name in ("self_rag", "self_rag_always"):  # passages read in training: never held-out or dev/test articles
+        passages = set(read_json(ws.architecture_dir(name) / "examples.json")["passage_doc_ids"])
+        assert passages and forbidden and not passages & forbidden
 
 
 def _train_killed_and_resumed(ws, config, monkeypatch) -> None:

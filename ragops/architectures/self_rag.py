@@ -392,6 +392,7 @@ class SelfRAG(InContextRALM):
                 if run.meter is not None and cached.get("meter") and not (run.checkpoint is not None and run.checkpoint.exists()):
                     run.meter.restore(cached["meter"])
                 critic_info, gen_labels = cached["critic"], cached["labels"]
+                text_docs |= set(cached.get("critic_docs", []))
                 torch.manual_seed(config.seed)  # the new rows' (mean-resizing) initialisation
                 ids = dict(zip(REFLECTION_TOKENS, add_special_tokens(lm, REFLECTION_TOKENS), strict=True))
             else:
@@ -403,8 +404,13 @@ class SelfRAG(InContextRALM):
                 critic_info["labels"] = label_stats
                 if labels_file is not None:
                     write_json(labels_file, {"fingerprint": self.training_fingerprint(), "critic": critic_info, "labels": gen_labels,
-                                             "meter": run.meter.snapshot() if run.meter is not None else None})
+                                             "critic_docs": sorted(critic_docs), "meter": run.meter.snapshot() if run.meter is not None else None})
             info["critic"] = critic_info
+            if run.report is not None:  # the critic's held-out agreement as metrics of the train run
+                agreement = critic_info["agreement"]
+                values = {"critic/heldout_agreement": agreement.get("overall"),
+                          **{f"critic/heldout_agreement_{a}": agreement[a]["accuracy"] for a in CRITIC_PROMPTS if a in agreement}}
+                run.report(int(critic_info["training"]["steps"]), {k: float(v) for k, v in values.items() if v is not None})
             sequences, composition = self._generator_sequences(lm, ids, gen_q, gen_passages, gen_labels, terminator)
             info["generator_data"] = composition
             trainable_tokens = list(ids.values())
@@ -424,7 +430,8 @@ class SelfRAG(InContextRALM):
         def write(tmp):
             save_adapter(model, tmp / GENERATOR_DIR, base=lm_path(ws, config), tokenizer=lm.tokenizer if opt.reflection else None,
                          extra={"reflection": opt.reflection, "reflection_tokens": list(REFLECTION_TOKENS) if opt.reflection else []})
-            write_json(tmp / EXAMPLES_FILE, {"critic": list(critic_q["qid"]), "generator": list(gen_q["qid"])})
+            write_json(tmp / EXAMPLES_FILE, {"critic": list(critic_q["qid"]), "generator": list(gen_q["qid"]),
+                                             "passage_doc_ids": sorted(text_docs)})
             return {
                 **info, "training": result.summary(),
                 "examples": {"critic_questions": len(critic_q), "generator_questions": len(gen_q), "generator_sequences": len(sequences)},
