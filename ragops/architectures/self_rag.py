@@ -122,6 +122,10 @@ class SelfRAGOptions(InContextRALMOptions):
     lora_r: int = Field(default=16, ge=1)
     lora_alpha: int = Field(default=32, ge=1)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    # The new tokens' rows start (mean-initialised) at p ≈ 1e-8 where they must be predicted (a label
+    # loss of ~20 nats on SmolLM2); at the LoRA learning rate they climb ~0.5 nat per step. Their own,
+    # higher learning rate (train.lr × this) lets a short training reach them.
+    token_lr_scale: float = Field(default=10.0, gt=0)
     # critic labels and critic
     critic_questions: int = Field(default=60, ge=1)  # train-split questions per QA task labelled for the critic
     critic_heldout: float = Field(default=0.2, ge=0, lt=1)  # of those, questions whose items only measure agreement
@@ -276,18 +280,25 @@ class SequenceTask:
     """A LoRA model trained on fixed (ids, mask) sequences: the critic and the generator."""
 
     def __init__(self, lm: CausalLM, model: Any, sequences: list[tuple[list[int], list[bool]]], options: OptimizerOptions,
-                 seed: int, meter: CostMeter | None) -> None:
+                 seed: int, meter: CostMeter | None, token_lr_scale: float = 1.0) -> None:
         from ragops.training.loop import cycle_batches
 
         self.lm, self.model, self.sequences, self.options, self.meter = lm, model, sequences, options, meter
+        self.token_lr_scale = token_lr_scale
         self.batches = cycle_batches(len(sequences), options.batch_size, seed)
         self.trainable = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"model": self.model}
 
-    def param_groups(self) -> None:
-        return None
+    def param_groups(self) -> list[dict[str, Any]]:
+        """LoRA weights at `lr`; the added tokens' rows (peft's trainable-token delta) at lr × token_lr_scale."""
+        rows = [p for n, p in self.model.named_parameters() if p.requires_grad and "trainable_tokens" in n]
+        rest = [p for n, p in self.model.named_parameters() if p.requires_grad and "trainable_tokens" not in n]
+        groups = [{"params": rest, "lr": self.options.lr}]
+        if rows:
+            groups.append({"params": rows, "lr": self.options.lr * self.token_lr_scale})
+        return groups
 
     def micro_batch(self, step: int, micro: int) -> list[tuple[list[int], list[bool]]]:
         return [self.sequences[i] for i in self.batches(step * self.options.grad_accum + micro)]
@@ -424,7 +435,7 @@ class SelfRAG(InContextRALM):
         assert_clean_training_data(ws, qids=list(critic_q["qid"]) + list(gen_q["qid"]), text_doc_ids=text_docs)
         torch.manual_seed(config.seed)  # the LoRA initialisation
         model = lora_model(lm, r=opt.lora_r, alpha=opt.lora_alpha, dropout=opt.lora_dropout, trainable_token_ids=trainable_tokens)
-        task = SequenceTask(lm, model, sequences, opt.train, config.seed, run.meter)
+        task = SequenceTask(lm, model, sequences, opt.train, config.seed, run.meter, opt.token_lr_scale)
         result = run.train(task, opt.train, seed=config.seed, desc=f"{self.name}: generator")
 
         def write(tmp):
@@ -524,7 +535,7 @@ class SelfRAG(InContextRALM):
             sequences.append((prompt + [ids[it["label"]]], [False] * len(prompt) + [True]))
         torch.manual_seed(seed + 1)
         model = lora_model(critic_lm, r=opt.lora_r, alpha=opt.lora_alpha, dropout=opt.lora_dropout, trainable_token_ids=list(ids.values()))
-        task = SequenceTask(critic_lm, model, sequences, opt.critic_train, seed + 1, run.meter)
+        task = SequenceTask(critic_lm, model, sequences, opt.critic_train, seed + 1, run.meter, opt.token_lr_scale)
         result = train(task, opt.critic_train, seed=seed + 1, checkpoint=self._side_file(run, ".critic-ckpt"),
                        settings={**run.settings, "phase": "critic"}, meter=run.meter, report=_renamed(run.report, "critic"),
                        max_minutes=None, progress=run.progress, desc=f"{self.name}: critic")
