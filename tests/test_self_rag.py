@@ -79,7 +79,11 @@ def test_reflection_tokens_are_single_ids_on_resized_tied_rows_that_training_cha
         optimizer.step()
     trained_rows = next(p for n, p in model.named_parameters() if "trainable_tokens_delta" in n).detach().clone()
     assert trained_rows.shape == (15, embeddings.shape[1])
-    save_adapter(model, tmp_path / "gen", base=tiny_lm_dir, tokenizer=lm.tokenizer)
+    save_adapter(model, tmp_path / "gen", base=tiny_lm_dir, tokenizer=lm.tokenizer, save_embedding_layers=False)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "gen" / "adapter" / "adapter_model.safetensors"))
+    assert not [k for k in saved if k.endswith(("embed_tokens.weight", "lm_head.weight"))]  # only the 15 rows, not the matrix
     loaded = load_finetuned(tmp_path / "gen", tiny_lm_dir, _config())
     weight = loaded.model.get_input_embeddings().weight
     assert loaded.vocab_size == before.shape[0] + 15 and weight.data_ptr() == loaded.model.get_output_embeddings().weight.data_ptr()

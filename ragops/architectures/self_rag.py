@@ -441,6 +441,7 @@ class SelfRAG(InContextRALM):
 
         def write(tmp):
             save_adapter(model, tmp / GENERATOR_DIR, base=lm_path(ws, config), tokenizer=lm.tokenizer if opt.reflection else None,
+                         save_embedding_layers=False,  # the added rows are the adapter's trainable-token delta
                          extra={"reflection": opt.reflection, "reflection_tokens": list(REFLECTION_TOKENS) if opt.reflection else []})
             write_json(tmp / EXAMPLES_FILE, {"critic": list(critic_q["qid"]), "generator": list(gen_q["qid"]),
                                              "passage_doc_ids": sorted(text_docs)})
