@@ -189,6 +189,14 @@ def test_critique_readout_matches_plain_forwards(tiny_lm_dir):
         np.testing.assert_allclose(use[n], [float(after[ids[t]]) for t in UTILITY], atol=1e-4)
 
 
+def test_reflection_tokens_never_reach_the_prediction():
+    from ragops.architectures.self_rag import strip_reflection
+
+    assert strip_reflection(" Paris[Fully supported][Utility:5]") == "Paris"
+    assert strip_reflection("[Relevant]the  Eiffel[No support / Contradictory] Tower") == "the Eiffel Tower"
+    assert strip_reflection(" Rome\n") == "Rome"
+
+
 # --- critic labels ---------------------------------------------------------------------------------
 
 

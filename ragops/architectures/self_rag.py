@@ -642,7 +642,7 @@ class SelfRAG(InContextRALM):
 
     def _no_retrieval_path(self, lm: CausalLM, ids: dict[str, int], prompts: list[list[int]], golds: list[list[int]],
                            retrieve: list[bool], meter: CostMeter, scratch: CostMeter | None) -> list[dict[str, Any] | None]:
-        from ragops.architectures.prompts import STOP, clean_prediction
+        from ragops.architectures.prompts import STOP
 
         out: list[dict[str, Any] | None] = [None] * len(prompts)
         for charged, wanted in ((meter, [not r for r in retrieve]), (scratch, list(retrieve))):
@@ -653,7 +653,7 @@ class SelfRAG(InContextRALM):
                 scores, texts = lm.score_and_generate_ids([prompts[i] + [ids[NO_RETRIEVAL]] for i in todo], [golds[i] for i in todo],
                                                           max_new_tokens=self.ctx.config.eval.max_new_tokens, stop=STOP)
             for i, lp, text in zip(todo, scores, texts, strict=True):
-                out[i] = {"prediction": clean_prediction(text), "gold_nll": float(-lp.mean()) if len(lp) else math.nan,
+                out[i] = {"prediction": strip_reflection(text), "gold_nll": float(-lp.mean()) if len(lp) else math.nan,
                           "retrieved_doc_ids": [], "retrieved_scores": [], "shown_doc_ids": [], "tokens_prompt": len(prompts[i]) + 1,
                           "tokens_retrieved": 0, "tokens_generated": lm.count_tokens(text)}
         return out
@@ -661,7 +661,7 @@ class SelfRAG(InContextRALM):
     def _retrieval_path(self, lm: CausalLM, ids: dict[str, int], batch: pd.DataFrame, prompts: list[list[int]], golds: list[list[int]],
                         retrieve: list[bool], meter: CostMeter, scratch: CostMeter | None) -> list[dict[str, Any] | None]:
         """Per question: read each of the top-k passages on its own, generate, critique, keep the best."""
-        from ragops.architectures.prompts import STOP, clean_prediction
+        from ragops.architectures.prompts import STOP
 
         opt = self.options
         out: list[dict[str, Any] | None] = [None] * len(prompts)
@@ -687,7 +687,7 @@ class SelfRAG(InContextRALM):
                 rel_tok = [ids[RELEVANT] if a >= b else ids[IRRELEVANT] for a, b in rel]
                 heads = [j[2] + [t] for j, t in zip(jobs, rel_tok, strict=True)]
                 gold_lp, texts = lm.score_and_generate_ids(heads, [golds[j[0]] for j in jobs], max_new_tokens=max_new, stop=STOP)
-                answers = [lm.encode(clean_prediction(t)) for t in texts]
+                answers = [lm.encode(strip_reflection(t)) for t in texts]
                 answer_lp, sup, use = critique_readout(lm, heads, answers, ids)
             candidates: dict[int, list[dict[str, Any]]] = {}
             for n, (i, p, prefix, n_passage) in enumerate(jobs):
@@ -695,7 +695,7 @@ class SelfRAG(InContextRALM):
                 score = critique_score(answer_lp[n], s_rel, s_sup, s_use, w_rel=opt.w_rel, w_sup=opt.w_sup, w_use=opt.w_use,
                                        use_seqscore=opt.use_seqscore)
                 candidates.setdefault(i, []).append({
-                    "doc_id": p.doc_id, "retrieval_score": p.score, "score": score, "prediction": clean_prediction(texts[n]),
+                    "doc_id": p.doc_id, "retrieval_score": p.score, "score": score, "prediction": strip_reflection(texts[n]),
                     "gold_nll": float(-gold_lp[n].mean()) if len(gold_lp[n]) else math.nan, "n_passage": n_passage,
                     "prefix": len(prefix) - n_passage + 1, "generated": lm.count_tokens(texts[n]),
                     "rel": s_rel, "sup": s_sup, "use": s_use,
@@ -799,6 +799,17 @@ def critique_readout(lm: CausalLM, heads: list[list[int]], answers: list[list[in
         best = int(np.argmax(sup[n]))
         use[n] = [block[best * len(use_ids) + i][m + 1] for i in range(len(use_ids))]
     return answer_lp, sup, use
+
+
+def strip_reflection(text: str) -> str:
+    """The answer without reflection tokens: decoding drops them as special ids already; this also
+    removes any spelled out in plain characters, then `clean_prediction`."""
+    from ragops.architectures.prompts import clean_prediction
+
+    stripped = text
+    for token in REFLECTION_TOKENS:
+        stripped = stripped.replace(token, " ")
+    return clean_prediction(" ".join(stripped.split()) if stripped != text else stripped)
 
 
 def reflection_ids(lm: CausalLM) -> dict[str, int]:
