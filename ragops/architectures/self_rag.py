@@ -5,8 +5,12 @@ output with reflection tokens, decoded with those critiques (rag-methods.md §5,
 `[No Retrieval]` `[Continue to Use Evidence]`; IsRel `[Relevant]` `[Irrelevant]`; IsSup
 `[Fully supported]` `[Partially supported]` `[No support / Contradictory]`; IsUse `[Utility:1]`…
 `[Utility:5]` — and the passage markers `<paragraph>` `</paragraph>`, each one special id
-(`finetune.add_special_tokens`, mean-initialised rows; SmolLM2's input and output embeddings are
-tied, so one new row per token serves both), trained as `trainable_token_indices` next to LoRA.
+(`finetune.add_special_tokens`, mean-initialised rows, seeded; SmolLM2's input and output embeddings
+are tied, so one new row per token serves both), trained as `trainable_token_indices` next to LoRA,
+at `token_lr_scale` × the LoRA learning rate (they start ~19 nats below where they must be
+predicted). Only the LoRA weights and these 15 rows are saved (`save_embedding_layers=False`).
+Training questions are train-split questions; training passages are retrieved with held-out and
+dev/test articles excluded, and both are checked by `assert_clean_training_data`.
 
 **Critic labels without GPT-4** (train split only; the gold answer y and gold article are known):
 - Retrieve: `[Retrieval]` iff the gold article's passage lowers the frozen LM's mean gold-answer
