@@ -735,11 +735,17 @@ def evaluate_architecture(
     def body(ctx: _Context) -> None:
         infer_meter = ctx.run.meter("inference")
         result = run_architecture(name, ws, config, infer_meter=infer_meter, progress=progress)
+        arch_info = result.info.get("architecture_info") or {}
+        # An architecture may report extra metrics (e.g. SELF-RAG's <task>/retrieval_rate) and files (its δ sweep).
+        extra_metrics = {k: float(v) for k, v in (arch_info.get("metrics") or {}).items()}
+        write_files = getattr(cls, "write_eval_files", None)
         with atomic_dir(ws.eval_dir(name)) as tmp:
             result.predictions.to_parquet(tmp / "predictions.parquet", index=False)
             write_json(tmp / "info.json", result.info)
+            extra_files = [p.name for p in write_files(arch_info, tmp)] if write_files is not None else []
         metrics = {
             **result.metrics,
+            **extra_metrics,
             **train_cost(ws, name),
             **infer_meter.metrics(*ctx.run.cost_rates),
         }
@@ -750,7 +756,9 @@ def evaluate_architecture(
         ctx.run.log_artifact(ws.eval_dir(name) / "predictions.parquet", "predictions")
         ctx.run.log_table(result.predictions, "predictions/predictions.json")
         ctx.run.log_dict(result.info, "info.json")
-        ctx.stats.update(result.metrics)  # logged by _run_stage
+        for file_name in extra_files:
+            ctx.run.log_artifact(ws.eval_dir(name) / file_name, "evaluation")
+        ctx.stats.update({**result.metrics, **extra_metrics})  # logged by _run_stage
 
     params = {
         "architecture": name, "options": options.model_dump(mode="json"),

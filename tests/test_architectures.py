@@ -148,7 +148,7 @@ def test_both_architectures_report_every_metric_key(ws, tiny_lm, bm25, tmp_path,
     for result, _, infer in results.values():
         for key, value in result.metrics.items():
             assert np.isfinite(value), key
-            if not key.endswith(("_ci_low", "_ci_high")):
+            if not key.endswith(("_ci_low", "_ci_high")) and not key.startswith("inference/"):
                 assert result.metrics[f"{key}_ci_low"] <= value + 1e-9 <= result.metrics[f"{key}_ci_high"] + 2e-9
         table = result.predictions
         assert list(table.columns) == PREDICTION_COLUMNS
@@ -158,6 +158,7 @@ def test_both_architectures_report_every_metric_key(ws, tiny_lm, bm25, tmp_path,
         json.dumps(result.info, default=str)
         assert (table["task"] == "describe").sum() == 3 and (table["task"] == "identify").sum() == 3
         assert (table["task"] == "lm").sum() == 2  # the two held-out docs of the test half
+        assert result.metrics["inference/describe/retrieval_rate"] == (0.0 if result is closed else 1.0)
         assert infer.counters["questions"] == 6 and infer.counters["tokens_scored"] > 0 and infer.counters["flops"] > 0
         assert infer.params_total == tiny_lm.n_params and infer.wall_s > 0
         metrics = infer.metrics()

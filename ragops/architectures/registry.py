@@ -22,6 +22,7 @@ ARCHITECTURES: dict[str, str] = {
     "aar": "ragops.architectures.aar:AAR",
     "atlas": "ragops.architectures.atlas:Atlas",
     "retro": "ragops.architectures.retro:Retro",
+    "self_rag": "ragops.architectures.self_rag:SelfRAG",
 }
 
 

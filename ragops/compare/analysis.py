@@ -100,6 +100,7 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
         columns.append(key)
         columns.extend(f"{key}{suffix}" for suffix in CI_SUFFIXES if f"{key}{suffix}" in df.columns)
     columns.extend(key for key in COST_KEYS if key in df.columns)
+    columns.extend(sorted(c for c in df.columns if c.startswith("inference/") and c.endswith("/retrieval_rate")))
     table = df[columns].copy() if not df.empty else pd.DataFrame(columns=columns)
     if "run_id" in df.columns:
         table["run_id"] = df["run_id"].values

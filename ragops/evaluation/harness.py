@@ -7,6 +7,7 @@ intervals) is computed here, identically for all architectures.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -80,6 +81,9 @@ def evaluate_qa(
     if not per_example["retrieval_recall"].size:  # no question of this task has a gold document
         del per_example["retrieval_recall"]
     metrics = with_ci(task, per_example, eval_config.bootstrap_samples, eval_config.confidence, seed)
+    # How often the architecture retrieved at all (1 for fixed-retrieval methods, 0 closed book,
+    # SELF-RAG's adaptive rate): an inference property, not a quality.
+    metrics[f"inference/{task}/retrieval_rate"] = float((table["retrieval_calls"] > 0).mean()) if len(table) else math.nan
     return metrics, table
 
 
@@ -138,6 +142,8 @@ def metric_keys(tasks: list[str]) -> list[str]:
     for task in tasks:
         for name in LM_METRICS if task == "lm" else (*QA_METRICS, *QA_UNSEEN_METRICS):
             keys += [f"{task}/{name}", f"{task}/{name}_ci_low", f"{task}/{name}_ci_high"]
+        if task != "lm":
+            keys.append(f"inference/{task}/retrieval_rate")
     return keys
 
 

@@ -144,11 +144,19 @@ def charge_training(meter: CostMeter | None, lm: CausalLM, sequences: Sequence[S
     meter.add(tokens_trained=tokens, flops=factor * (body + head) + adapters)
 
 
-def save_adapter(model: Any, directory: str | Path, *, base: str | Path, extra: dict[str, Any] | None = None, tokenizer: Any = None) -> None:
-    """The adapter (peft's files) or, for full fine-tuning, the whole model, plus the base LM's fingerprint."""
+def save_adapter(model: Any, directory: str | Path, *, base: str | Path, extra: dict[str, Any] | None = None, tokenizer: Any = None,
+                 save_embedding_layers: bool | str = "auto") -> None:
+    """The adapter (peft's files) or, for full fine-tuning, the whole model, plus the base LM's fingerprint.
+
+    `save_embedding_layers=False` for a model whose added tokens train as `trainable_token_ids`: their
+    rows are in the adapter already, and peft's "auto" would also save the whole resized embedding
+    matrix (twice when tied: 235 MB for SmolLM2) although every other row is the base LM's."""
     directory = Path(directory)
     target = directory / ADAPTER_DIR
-    model.save_pretrained(str(target))
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(str(target), save_embedding_layers=save_embedding_layers)
+    else:
+        model.save_pretrained(str(target))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(target))
     write_json(directory / META_FILE, {
