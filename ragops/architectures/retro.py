@@ -71,6 +71,7 @@ from pydantic import Field, field_validator
 
 from ragops.architectures.base import QA_BATCH, Architecture, _progress
 from ragops.config import ArchitectureOptions, OptimizerOptions
+from ragops.training.loop import TrainingTask
 from ragops.errors import ConfigError, RagopsError
 from ragops.retrieval.types import Passage
 
@@ -671,7 +672,7 @@ def training_flops(lm: CausalLM, modules: Any, seqs: Sequence[RetroSequence], n_
 # ------------------------------------------------------------------------------------------------
 
 
-class RetroTask:
+class RetroTask(TrainingTask):
     """The `TrainingTask` of RETRO-fitting: the plain LM loss on pre-built sequences."""
 
     def __init__(self, arch: Retro, retro: RetroLM, train: list[RetroSequence], dev: list[RetroSequence], run: TrainRun) -> None:
@@ -711,15 +712,6 @@ class RetroTask:
         lm = self.arch.lm
         scored = score_sequences(self.retro, self.dev_seqs, self.m, self.k, self.r, lm.pad_id)
         return {"dev/loss": -float(sum(lp.sum() for lp in scored)) / max(1, sum(len(lp) for lp in scored))}
-
-    def after_step(self, step: int) -> dict[str, float]:  # noqa: ARG002
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 # ------------------------------------------------------------------------------------------------

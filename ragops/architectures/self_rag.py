@@ -77,6 +77,7 @@ from pydantic import Field
 
 from ragops.architectures.incontext_ralm import InContextRALM, InContextRALMOptions
 from ragops.config import OptimizerOptions
+from ragops.training.loop import TrainingTask
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -281,7 +282,7 @@ def generator_example(prompt: Sequence[int], answer: Sequence[int], terminator: 
 # ------------------------------------------------------------------------------------------------
 
 
-class SequenceTask:
+class SequenceTask(TrainingTask):
     """A LoRA model trained on fixed (ids, mask) sequences: the critic and the generator."""
 
     def __init__(self, lm: CausalLM, model: Any, sequences: list[tuple[list[int], list[bool]]], options: OptimizerOptions,
@@ -317,18 +318,6 @@ class SequenceTask:
         if self.meter is not None:
             self.meter.add(examples=len(batch))
         return loss, {}
-
-    def evaluate(self) -> dict[str, float]:
-        return {}
-
-    def after_step(self, step: int) -> dict[str, float]:  # noqa: ARG002
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 def _renamed(report: Any, prefix: str) -> Any:

@@ -47,7 +47,8 @@ Report = Callable[[int, dict[str, float]], None]
 
 
 class TrainingTask(Protocol):
-    """What an architecture hands the loop."""
+    """What an architecture hands the loop. A task may subclass this to inherit the no-op defaults
+    of `evaluate`, `after_step`, `state_dict` and `load_state_dict`."""
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """The modules whose trainable (requires_grad) parameters are optimised and checkpointed."""
@@ -63,14 +64,18 @@ class TrainingTask(Protocol):
 
     def evaluate(self) -> dict[str, float]:
         """Dev metrics (`dev/loss` is the one early stopping watches; lower is better)."""
+        return {}
 
-    def after_step(self, step: int) -> dict[str, float]:
+    def after_step(self, step: int) -> dict[str, float]:  # noqa: ARG002
         """Called after optimizer step `step` (1-based count of steps done): refreshes, swaps."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """Extra state a resumed run needs (index version, ...)."""
+        return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: ARG002
+        return None
 
 
 @dataclass
