@@ -30,7 +30,7 @@ import numpy as np
 from ragops.config import DEFAULT_MODEL, Config
 from ragops.cost import CostMeter
 from ragops.errors import RagopsError, ValidationFailed
-from ragops.io import atomic_dir, json_hash, path_hash, read_json, write_json
+from ragops.io import atomic_dir, json_hash, path_hash, read_json, text_hash, write_json
 from ragops.paths import Workspace
 from ragops.pipeline import DATA_STAGES, STAGE_CODE, architecture_code, code_fingerprint, training_order
 from ragops.tracking import TrackedRun, tracked_run
@@ -936,13 +936,41 @@ def record_in_dvc_lock(ws: Workspace, config: Config) -> bool:
         targets.append("compare")
     if not targets:
         return False
+    dirs = {stage: outputs.get(stage, ws.compare_dir) for stage in targets}
+    marker = ws.cache_dir / "dvc-recorded.json"
+    if marker.exists() and read_json(marker) == _recorded_state(ws, dirs):
+        # `dvc commit` re-hashes every output (~1 min for the default workspace): skipped when no
+        # file of any output, nor dvc.yaml or dvc.lock, changed since the last commit recorded them.
+        log.info("dvc.lock already records these %d stages", len(targets))
+        return True
     dvc = _dvc_executable()
     result = subprocess.run([dvc, "commit", "--force", "--quiet", *targets], cwd=ws.root, capture_output=True, text=True)
     if result.returncode != 0:
         log.warning("dvc commit failed, dvc.lock not updated: %s", (result.stderr or result.stdout).strip()[-300:])
         return False
+    write_json(marker, _recorded_state(ws, dirs))  # after the commit: DVC may relink the files it cached
     log.info("recorded %d stages in dvc.lock (dvc repro now has nothing to do)", len(targets))
     return True
+
+
+def _recorded_state(ws: Workspace, dirs: dict[str, Path]) -> dict[str, Any]:
+    """What `dvc commit` recorded, cheaply: every output file's path, size and modification time
+    (a stat, not a hash), and the contents of dvc.yaml and dvc.lock."""
+
+    def files(root: Path) -> list[list[Any]]:
+        found = []
+        for path in sorted(root.rglob("*")) if root.exists() else []:
+            if path.is_file():
+                stat = path.stat()
+                found.append([str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns])
+        return found
+
+    lock = ws.root / "dvc.lock"
+    return {
+        "dvc.yaml": text_hash((ws.root / "dvc.yaml").read_text()),
+        "dvc.lock": text_hash(lock.read_text()) if lock.exists() else None,
+        "outputs": {stage: files(path) for stage, path in sorted(dirs.items())},
+    }
 
 
 def run_pipeline(

@@ -140,6 +140,19 @@ def test_outputs_of_ragops_stages_are_recorded_so_dvc_repro_has_nothing_to_do(dv
     assert "up to date" in sh(repo, "dvc", "status", "index", "--with-deps").stdout
     assert "Running stage" not in sh(repo, "dvc", "repro", "index").stdout
 
+    # A warm re-run changed nothing: dvc.lock is not rewritten (no `dvc commit`, which re-hashes everything).
+    lock = repo / "dvc.lock"
+    before = (lock.read_text(), lock.stat().st_mtime_ns)
+    assert stages.record_in_dvc_lock(ws, config)
+    assert (lock.read_text(), lock.stat().st_mtime_ns) == before
+    # An output changed behind ragops's back: the next run records it again.
+    meta = repo / "artifacts" / "index" / "meta.json"
+    meta.write_text(meta.read_text() + "\n")
+    assert "changed" in sh(repo, "dvc", "status", "index").stdout
+    assert stages.record_in_dvc_lock(ws, config)
+    assert lock.read_text() != before[0]
+    assert "up to date" in sh(repo, "dvc", "status", "index", "--with-deps").stdout
+
 
 def test_corpus_and_index_round_trip_through_a_local_remote(dvc_repo, tmp_path):
     """A teammate's fresh checkout gets the exact corpus version and index with `dvc pull`."""
