@@ -115,3 +115,74 @@ def test_replug_mixes_k_documents_for_each_question(tmp_path, lm):
     assert list(out.loc[0, "retrieved_doc_ids"]) == [h.doc_id for h in hits]
     assert meter.counters["tokens_retrieved"] > 0 and meter.counters["retrieval_calls"] == 2
     assert isinstance(out, pd.DataFrame) and len(out) == 2
+
+
+def reference_replug_nll(tokenizer, model, retriever, doc_id, text, *, k, temperature, stride, query_length, max_length,
+                         retrieved_max_length, start_ids):
+    """REPLUG's document NLL as a straightforward loop: for every span, retrieve k passages with the
+    `query_length` tokens before it, run one plain forward per passage ([start; passage; blank line;
+    as much prefix as fits; span]) and mix the span's probabilities with λ = softmax(score / τ)."""
+    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    from tests.test_architectures import plain_logprobs
+
+    ids = encode(text)
+    blank_line = encode("x\n\n")[len(encode("x")):]
+    total = 0.0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + stride, len(ids))
+        passages, scores = [[]], [0.0]
+        if begin > 0:
+            query = tokenizer.decode(ids[max(0, begin - query_length):begin], skip_special_tokens=True)
+            found = retriever.search([query], k, exclude_doc_ids=[{doc_id}]).passages()[0]
+            if found:
+                passages = [encode(p.text.strip())[: retrieved_max_length - len(blank_line)] + blank_line for p in found]
+                scores = [p.score for p in found]
+        span_logp = []
+        for passage in passages:
+            since = max(0, end - (max_length - len(start_ids) - len(passage)))
+            window = [*start_ids, *passage, *ids[since:end]]
+            logp = plain_logprobs(model, window)
+            offset = len(start_ids) + len(passage) - since
+            span_logp.append(sum(float(logp[offset + j - 1, ids[j]]) for j in range(begin, end)))
+        z = np.array(scores) / temperature
+        weights = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        total -= math.log(sum(w * math.exp(lp) for w, lp in zip(weights, span_logp, strict=True)))
+    return total
+
+
+def test_replug_document_nll_equals_a_reference_loop_and_merged_windows_are_cheaper(tmp_path, tiny_lm_dir):
+    """Each retrieved document read once for all the spans that retrieved it (merge_windows) gives the
+    per-span mixture of separate windows: checked against plain forwards, with a window short enough
+    (160 tokens) that long documents also take the truncated, unmerged path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ragops.architectures.prompts import document_text
+    from ragops.evaluation.data import load_heldout
+
+    ws = build_workspace(tmp_path)
+    bm25 = bm25_over(ws)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    lm = CausalLM.load(tiny_lm_dir, device="cpu", max_length=160, batch_tokens=2048)
+    common = {"k": 3, "retriever": "bm25", "temperature": 2.0, "stride": 8, "query_length": 8, "retrieved_max_length": 48,
+              "cache_retrieval": False}
+    docs = load_heldout(ws, "test", 2)
+    results = {}
+    for merge in (True, False):
+        config = resolve({"architectures": {"replug": {**common, "merge_windows": merge}}})
+        arch = build_architecture("replug", ws, config, progress=False, lm=lm, retrievers={"bm25": bm25})
+        meter = CostMeter("inference")
+        results[merge] = (arch.score_documents(docs, meter), meter.counters["flops"])
+    merged, plain = results[True][0], results[False][0]
+    start_ids = [tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    lengths = []
+    for row, (_, doc) in zip(merged.itertuples(), docs.iterrows(), strict=True):
+        text = document_text(doc["title"], doc["text"])
+        lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        want = reference_replug_nll(tokenizer, model, bm25, doc["doc_id"], text, k=3, temperature=2.0, stride=8, query_length=8,
+                                    max_length=160, retrieved_max_length=48, start_ids=start_ids)
+        assert row.nll_sum == pytest.approx(want, rel=1e-4)
+    assert max(lengths) > 160 - 1 - 48  # a long document: its later spans are truncated windows
+    np.testing.assert_allclose(merged["nll_sum"], plain["nll_sum"], rtol=1e-5)
+    assert merged["lm_windows"].sum() < plain["lm_windows"].sum()
+    assert results[True][1] < results[False][1]

@@ -137,11 +137,15 @@ class REPLUG(InContextRALM):
         opt, lm = self.options, self.lm
         spans = strided_spans(len(ids), opt.stride)
         hits = self._retrieve_spans(doc_id, ids, spans, retriever, cache, meter)
-        contexts, targets, owners = [], [], []
-        n_passage_tokens = n_prefix_tokens = 0
         # The start-token convention of every architecture (lm.start_token): each window begins
         # with it; without one, the document's first token is context only.
         first = 0 if lm.document_start else 1
+        # One window per (span, document) — or, with `merge_windows`, one per document retrieved for
+        # several spans: while [start; d; x<e] fits untruncated, x[b:e]'s log-prob given [d; x<b] is
+        # read from the longer window's forward (exact; consecutive spans of a short article mostly
+        # retrieve the same documents, so this reads each document once instead of once per span).
+        windows: list[dict[str, Any]] = []
+        open_by_passage: dict[str | None, dict[str, Any]] = {}
         for i, ((begin, end), passages) in enumerate(zip(spans, hits, strict=True)):
             scored_from = max(begin, first)
             if scored_from >= end:
@@ -149,30 +153,40 @@ class REPLUG(InContextRALM):
             for d, passage in enumerate(passages or [None]):
                 passage_ids = self._ids_of(passage.chunk_id, passage.text) if passage else []
                 start = max(0, end - (lm.max_length - len(passage_ids) - len(lm.document_start)))
-                contexts.append(lm.document_start + passage_ids + ids[start:scored_from])
-                targets.append(ids[scored_from:end])
-                owners.append(i)
-                n_passage_tokens += len(passage_ids)
-                n_prefix_tokens += len(lm.document_start) + scored_from - start
+                key = passage.chunk_id if passage else None
+                window = open_by_passage.get(key) if opt.merge_windows and start == 0 else None
+                if window is None:
+                    window = {"passage_ids": passage_ids, "start": start, "begin": scored_from, "end": end, "reads": []}
+                    windows.append(window)
+                    if start == 0:
+                        open_by_passage[key] = window
+                window["end"] = max(window["end"], end)
+                window["reads"].append((i, d, scored_from, end))
+        contexts = [lm.document_start + w["passage_ids"] + ids[w["start"] : w["begin"]] for w in windows]
+        targets = [ids[w["begin"] : w["end"]] for w in windows]
         with lm.charged_to(meter):
             scored = lm.score_ids(contexts, targets)
-        span_totals: dict[int, list[float]] = {}
-        for i, lp in zip(owners, scored, strict=True):
-            span_totals.setdefault(i, []).append(float(lp.sum()))
+        span_totals: dict[int, np.ndarray] = {}
+        for window, lp in zip(windows, scored, strict=True):
+            for i, d, b, e in window["reads"]:
+                totals = span_totals.setdefault(i, np.zeros(len(hits[i] or [None])))
+                totals[d] = float(lp[b - window["begin"] : e - window["begin"]].sum())
         nll = 0.0
         used: list[list[Passage]] = []
         for i, (begin, _) in enumerate(spans):
             if i not in span_totals:  # nothing scored in this span
                 continue
             passages = hits[i] or []
-            mixed = (self.log_weights(passages) if passages else np.zeros(1)) + np.array(span_totals[i])
+            mixed = (self.log_weights(passages) if passages else np.zeros(1)) + span_totals[i]
             top = float(np.max(mixed))
             nll -= top + math.log(float(np.exp(mixed - top).sum()))  # −log Σ_d λ_d P(span | d ∘ prefix)
             if begin > 0:
                 used.append(passages)
         n_scored = sum(end - max(begin, first) for begin, end in spans if end > max(begin, first))
+        n_passage_tokens = sum(len(w["passage_ids"]) for w in windows)
+        n_prefix_tokens = sum(len(lm.document_start) + w["begin"] - w["start"] for w in windows)
         meter.add(tokens_retrieved=n_passage_tokens, tokens_prompt=n_prefix_tokens, examples=1)
-        stats["windows"] += len(contexts)
+        stats["windows"] += len(windows)
         stats["spans"] += len(spans)
         return {
             "doc_id": doc_id,
@@ -185,5 +199,5 @@ class REPLUG(InContextRALM):
             "tokens_retrieved": n_passage_tokens,
             "tokens_scored": n_scored,
             "retrieval_calls": len(used),
-            "lm_windows": len(contexts),
+            "lm_windows": len(windows),
         }
