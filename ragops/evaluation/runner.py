@@ -137,7 +137,7 @@ def run_architecture(
 def conventions(config: Config, lm: CausalLM, prompt: str | None) -> dict[str, Any]:
     """What changes the numbers without being an option of the architecture, recorded as MLflow
     params with every evaluation: the prompt form, how passages are laid out, the LM's and the
-    encoder's real names, the LM's quantisation and the token held-out text is scored after."""
+    encoder's real names, the LM's quantisation and precision and the token held-out text is scored after."""
     from ragops.architectures.prompts import format_passage
     from ragops.lm.prepare import describe_lm
     from ragops.resources import encoder_name
@@ -151,5 +151,6 @@ def conventions(config: Config, lm: CausalLM, prompt: str | None) -> dict[str, A
         "lm.name": lm_name,
         "lm.quantisation": quantisation,
         "lm.document_start": lm.document_start_text,
+        "lm.precision": lm.precision,  # `auto` resolved on the machine that evaluated
         "encoder.name": encoder_name(config.embed.model),
     }

@@ -203,7 +203,8 @@ def load_finetuned(directory: str | Path, base: str | Path, lm_config: Any) -> C
 
     merged = PeftModel.from_pretrained(lm.model, str(adapter)).merge_and_unload()
     merged.eval()
-    return CausalLM(merged, lm.tokenizer, max_length=lm.max_length, batch_tokens=lm.batch_tokens, name=f"{lm.name}+{directory.name}")
+    return CausalLM(merged, lm.tokenizer, max_length=lm.max_length, batch_tokens=lm.batch_tokens, name=f"{lm.name}+{directory.name}",
+                     start_token=lm.start_token, precision=lm.precision)
 
 
 def describe_adapter(directory: str | Path) -> dict[str, Any]:

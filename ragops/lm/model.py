@@ -65,11 +65,37 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """`lm.precision` for this machine: `auto` is bfloat16 where the hardware multiplies bf16
+    natively (a CPU with AVX512-BF16 or AMX; a CUDA GPU with bf16), else float32 (elsewhere bf16 is
+    emulated and slower than float32)."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"lm.precision '{precision}': expected one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if str(device).startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bfloat16" if native else "float32"
+
+
 class CausalLM:
-    """Scoring and greedy generation over a Hugging Face causal LM (see the module docstring)."""
+    """Scoring and greedy generation over a Hugging Face causal LM (see the module docstring).
+
+    `precision="bfloat16"` runs the matrix multiplies of every read (scoring, generation, attention
+    read-outs) under bf16 autocast, the weights staying as loaded: ~2.6x the float32 speed on a CPU
+    with AVX512-BF16, at a cost of ~0.03 nats/token of noise and a +0.004 nats/token bias in NLL
+    (SmolLM2, 30 held-out articles). Log-probs are always taken from float32 logits.
+    """
 
     def __init__(
-        self, model: Any, tokenizer: Any, *, max_length: int = 1024, batch_tokens: int = 4096, name: str = "", start_token: str = "separator"
+        self, model: Any, tokenizer: Any, *, max_length: int = 1024, batch_tokens: int = 4096, name: str = "", start_token: str = "separator",
+        precision: str = "float32",
     ) -> None:
         import torch
 
@@ -77,6 +103,7 @@ class CausalLM:
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.device = next(model.parameters()).device
+        self.precision = resolve_precision(precision, self.device.type)
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
         self.max_length = int(min(max_length, limit)) if limit else int(max_length)
         self.batch_tokens = int(batch_tokens)
@@ -124,6 +151,18 @@ class CausalLM:
         self._body_params = self.n_params - embed_params - (0 if tied else head_params)
         self._head_params = head_params
 
+    def compute(self):
+        """The numeric precision of a read: bf16 autocast (`precision="bfloat16"`) or plain float32.
+        Code that runs the model's layers itself (RETRO's chunked cross-attention) reads under it too."""
+        if self.precision == "bfloat16":
+            return self._torch.autocast(device_type=self.device.type, dtype=self._torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def project(self, hidden):
+        """float32 next-token logits of hidden states (the vocabulary projection, at `precision`)."""
+        with self.compute():
+            return self._head(hidden).float()
+
     # --- cost accounting ------------------------------------------------------------------------------
     @contextlib.contextmanager
     def charged_to(self, meter: Any):
@@ -148,6 +187,7 @@ class CausalLM:
         max_length: int = 1024,
         batch_tokens: int = 4096,
         start_token: str = "separator",
+        precision: str = "float32",
     ) -> CausalLM:
         """Load a prepared folder (see `prepare_lm`) or any local/offline HF causal LM."""
         import torch
@@ -164,7 +204,8 @@ class CausalLM:
         except (OSError, ValueError) as error:
             raise RagopsError(f"{path}: cannot load the language model ({str(error).splitlines()[0]})") from None
         model.to(device)
-        return cls(model, tokenizer, max_length=max_length, batch_tokens=batch_tokens, name=str(path), start_token=start_token)
+        return cls(model, tokenizer, max_length=max_length, batch_tokens=batch_tokens, name=str(path), start_token=start_token,
+                   precision=precision)
 
     @classmethod
     def from_config(cls, lm_config: Any, path: str | Path) -> CausalLM:
@@ -177,6 +218,7 @@ class CausalLM:
             max_length=lm_config.max_length,
             batch_tokens=lm_config.batch_tokens,
             start_token=lm_config.start_token,
+            precision=lm_config.precision,
         )
 
     # --- tokens ---------------------------------------------------------------------------------------
@@ -443,7 +485,7 @@ class CausalLM:
         texts = [""] * n
         alive = list(range(n))  # batch rows still generating, in cache order
         with torch.inference_mode():
-            logits = self._head(last_hidden).float()
+            logits = self.project(last_hidden)
         mask = prefix_mask.cpu() if prefix_mask is not None else torch.ones((n, cache_len(cache)), dtype=torch.long)
         lengths = torch.tensor(prompt_lens, dtype=torch.long)
         for step in range(max_new_tokens):
@@ -473,7 +515,7 @@ class CausalLM:
             positions = lengths.unsqueeze(1) + step
             with torch.inference_mode():
                 hidden, cache = self._forward(ids, mask, positions, cache=cache, use_cache=True)
-                logits = self._head(hidden[:, -1]).float()
+                logits = self.project(hidden[:, -1])
             for row in alive:
                 self._charge(n_new=1, past=int(lengths[alive.index(row)]) + step, n_logits=1)
         return texts
@@ -594,7 +636,7 @@ class CausalLM:
             ids, mask, positions = self._left_pad([it[0] for it in batch], width)
             with torch.inference_mode():
                 hidden = self._forward(ids, mask, positions)[0][:, -1]
-                logp = torch.log_softmax(self._head(hidden).float(), dim=-1)[:, wanted]
+                logp = torch.log_softmax(self.project(hidden), dim=-1)[:, wanted]
             for it in batch:
                 self._charge(n_new=len(it[0]), past=0, n_logits=1)
             self.counters.tokens_padded += len(batch) * width - sum(len(it[0]) for it in batch)
@@ -626,7 +668,7 @@ class CausalLM:
                 hooks.append(layer.self_attn.v_proj.register_forward_hook(lambda _m, _i, out: captured.append(out.detach())))
         try:
             self.model.set_attn_implementation("eager")
-            with torch.inference_mode():
+            with torch.inference_mode(), self.compute():
                 out = self._base(input_ids=torch.tensor([ids], device=self.device), output_attentions=True)
         finally:
             self.model.set_attn_implementation(previous)
@@ -732,7 +774,8 @@ class CausalLM:
             kwargs["attention_mask"] = mask.to(self.device)
         if cache is not None:
             kwargs[self._cache_kw] = cache
-        out = self._base(**kwargs)
+        with self.compute():
+            out = self._base(**kwargs)
         new_cache = getattr(out, "cache", None) if self._cache_kw == "cache" else getattr(out, "past_key_values", None)
         return out.last_hidden_state, new_cache
 
@@ -746,7 +789,7 @@ class CausalLM:
         out = []
         with torch.inference_mode():
             for start in range(0, hidden.shape[0], rows):
-                logits = self._head(hidden[start : start + rows]).float()
+                logits = self.project(hidden[start : start + rows])
                 picked = logits.gather(1, target[start : start + rows, None]).squeeze(1)
                 out.append(picked - torch.logsumexp(logits, dim=-1))
         return torch.cat(out).cpu().numpy().astype(np.float32)
