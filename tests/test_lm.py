@@ -338,3 +338,18 @@ def test_bfloat16_reads_run_under_autocast_and_stay_close_to_float32(tiny_lm_dir
     assert any(not np.array_equal(a, b) for a, b in zip(low, full, strict=True))  # autocast really ran
     texts = bf16.generate(TEXTS[:3], max_new_tokens=4, stop=())
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+
+
+def test_recorded_conventions_never_reuse_a_parameter_key(tiny_lm_dir):
+    """Conventions and the config's `lm`/`eval` sections are both logged as params of one MLflow
+    run, which refuses a key logged twice with two values (`lm.precision: auto` vs `bfloat16`)."""
+    from ragops.evaluation.runner import conventions
+    from ragops.params import resolve
+    from ragops.tracking import flatten
+
+    config = resolve({"lm": {"precision": "auto"}})
+    lm = CausalLM.load(tiny_lm_dir, device="cpu", precision="bfloat16")
+    recorded = conventions(config, lm, "{question}")
+    assert recorded["lm.resolved_precision"] == "bfloat16"
+    params = flatten("", {"lm": config.section("lm"), "eval": config.section("eval"), "seed": config.seed})
+    assert "lm.precision" in params and not set(recorded) & set(params)

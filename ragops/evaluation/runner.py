@@ -151,6 +151,6 @@ def conventions(config: Config, lm: CausalLM, prompt: str | None) -> dict[str, A
         "lm.name": lm_name,
         "lm.quantisation": quantisation,
         "lm.document_start": lm.document_start_text,
-        "lm.precision": lm.precision,  # `auto` resolved on the machine that evaluated
+        "lm.resolved_precision": lm.precision,  # lm.precision (`auto`) as resolved on the machine that evaluated
         "encoder.name": encoder_name(config.embed.model),
     }
