@@ -954,8 +954,9 @@ def record_in_dvc_lock(ws: Workspace, config: Config) -> bool:
 
 
 def _recorded_state(ws: Workspace, dirs: dict[str, Path]) -> dict[str, Any]:
-    """What `dvc commit` recorded, cheaply: every output file's path, size and modification time
-    (a stat, not a hash), and the contents of dvc.yaml and dvc.lock."""
+    """What `dvc commit` recorded, cheaply: the path, size and modification time (a stat, not a
+    hash) of every output file and of every other dependency in dvc.yaml (the corpus under data/,
+    the code under ragops/), and the contents of params.yaml, dvc.yaml and dvc.lock."""
 
     def files(root: Path) -> list[list[Any]]:
         found = []
@@ -965,10 +966,12 @@ def _recorded_state(ws: Workspace, dirs: dict[str, Path]) -> dict[str, Any]:
                 found.append([str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns])
         return found
 
-    lock = ws.root / "dvc.lock"
+    def text(path: Path) -> str | None:
+        return text_hash(path.read_text()) if path.exists() else None
+
     return {
-        "dvc.yaml": text_hash((ws.root / "dvc.yaml").read_text()),
-        "dvc.lock": text_hash(lock.read_text()) if lock.exists() else None,
+        **{name: text(ws.root / name) for name in ("params.yaml", "dvc.yaml", "dvc.lock")},
+        "inputs": {name: files(ws.root / name) for name in ("data", "ragops")},
         "outputs": {stage: files(path) for stage, path in sorted(dirs.items())},
     }
 

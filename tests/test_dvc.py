@@ -145,6 +145,15 @@ def test_outputs_of_ragops_stages_are_recorded_so_dvc_repro_has_nothing_to_do(dv
     before = (lock.read_text(), lock.stat().st_mtime_ns)
     assert stages.record_in_dvc_lock(ws, config)
     assert (lock.read_text(), lock.stat().st_mtime_ns) == before
+    # A parameter changed that no output of this profile depends on (another profile's): nothing
+    # re-runs, but DVC tracks `profiles` as a whole, so the next run records it again.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["profiles"]["full"]["eval"]["bootstrap_samples"] = 1234
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    assert "changed" in sh(repo, "dvc", "status", "index").stdout
+    assert stages.record_in_dvc_lock(ws, config)
+    assert "up to date" in sh(repo, "dvc", "status", "index", "--with-deps").stdout
+    before = (lock.read_text(), lock.stat().st_mtime_ns)
     # An output changed behind ragops's back: the next run records it again.
     meta = repo / "artifacts" / "index" / "meta.json"
     meta.write_text(meta.read_text() + "\n")
