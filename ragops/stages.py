@@ -940,7 +940,7 @@ def record_in_dvc_lock(ws: Workspace, config: Config) -> bool:
     marker = ws.cache_dir / "dvc-recorded.json"
     if marker.exists() and read_json(marker) == _recorded_state(ws, dirs):
         # `dvc commit` re-hashes every output (~1 min for the default workspace): skipped when no
-        # file of any output, nor dvc.yaml or dvc.lock, changed since the last commit recorded them.
+        # output, dependency, params.yaml, dvc.yaml or dvc.lock changed since it last recorded them.
         log.info("dvc.lock already records these %d stages", len(targets))
         return True
     dvc = _dvc_executable()
@@ -961,7 +961,7 @@ def _recorded_state(ws: Workspace, dirs: dict[str, Path]) -> dict[str, Any]:
     def files(root: Path) -> list[list[Any]]:
         found = []
         for path in sorted(root.rglob("*")) if root.exists() else []:
-            if path.is_file():
+            if path.is_file() and "__pycache__" not in path.parts:  # .dvcignore'd: bytecode is not a dependency
                 stat = path.stat()
                 found.append([str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns])
         return found

@@ -350,6 +350,10 @@ def test_untrained_retro_scores_and_answers_as_the_closed_book(smoke_workspace, 
         with CostMeter("inference") as meter:
             ours, theirs = arch.score_documents(docs, meter), closed.score_documents(docs, CostMeter("inference"))
             answers, reference = arch.answer(questions, meter), closed.answer(questions, CostMeter("inference"))
+        if precision == "bfloat16":  # RETRO's own forward really ran under autocast, not in float32
+            arch.lm.precision = "float32"
+            in_float32 = arch.score_documents(docs, CostMeter("inference"))
+            assert not np.allclose(ours["nll_sum"], in_float32["nll_sum"], rtol=1e-6, atol=0)
     finally:
         arch.lm.precision = previous
     tolerance = 1e-5 if precision == "float32" else 2e-2  # bf16 rounding differs with batch shapes
